@@ -1,0 +1,1 @@
+"""Math several papers share: advantage estimators, policy/value losses, divergences, second-order solvers."""

@@ -1,0 +1,1 @@
+"""On-policy and trust-region update rules."""
