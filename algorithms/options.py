@@ -73,8 +73,19 @@ def get_option(config: Any, name: str) -> Any:
     return getattr(config, _config_attr(name))
 
 
+def mean_std_filter_connector(env=None, spaces=None, device=None):
+    """EnvRunner connector factory: RLlib's running mean/std observation filter (new API stack)."""
+    from ray.rllib.connectors.env_to_module import MeanStdFilter
+
+    return MeanStdFilter()
+
+
 def set_option(config: Any, name: str, value: Any) -> None:
-    if name in MODEL_KEYS:
+    if name == "observation_filter":
+        # On the new API stack the filter is an env-to-module connector; the old string setting alone is ignored.
+        config.observation_filter = value
+        config._env_to_module_connector = mean_std_filter_connector if value == "MeanStdFilter" else None
+    elif name in MODEL_KEYS:
         model = dict(config._model_config or {})
         model[MODEL_KEYS[name]] = value
         config._model_config = model

@@ -42,6 +42,8 @@ class OnPolicyConfig(PPOConfig):
         self.value_clip = None
         # RLlib's PPO defaults to the KL penalty on; the clipped rule (P147 eq. 7) does not use it.
         self.use_kl_loss = False
+        # One EnvRunner actor: experience comes through the real Ray path; the learner runs in the driver.
+        self.num_env_runners = 1
         # Separate 64-64 tanh MLPs for policy and value: the PPO/TRPO papers' networks.
         self._model_config = {"fcnet_hiddens": [64, 64], "fcnet_activation": "tanh", "vf_share_layers": False}
 

@@ -1,0 +1,208 @@
+"""The `rlfleet` command. Every mistake a user can make ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rlfleet.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (what is wrong, what is valid), not the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="rlfleet", description="Distributed actor-learner RL: one update rule per paper.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = sub.add_parser("train", help="train a rule on an env; writes a run directory")
+    train.add_argument("--algo", help="rule name (see `rlfleet algos`)")
+    train.add_argument("--env", dest="env_id", help="gymnasium env id, e.g. CartPole-v1")
+    train.add_argument("--stop-return", type=float, help="stop when the mean episode return reaches this")
+    train.add_argument("--stop-steps", type=int, help="stop after this many env steps")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--runs-dir", default="runs", help="where run directories are created (default: runs)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a rule option (repeatable); `rlfleet algos` lists them")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.add_argument("--checkpoint-every", type=int, default=10, metavar="K", help="iterations between checkpoints")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    algos = sub.add_parser("algos", help="list the registered update rules, or every seed paper's status")
+    algos.add_argument("--json", action="store_true")
+    algos.add_argument("--papers", action="store_true", help="every paper of the catalogue with its status")
+
+    evaluate = sub.add_parser("eval", help="mean and std of the greedy policy's return")
+    evaluate.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    evaluate.add_argument("--episodes", type=int, default=10)
+    evaluate.add_argument("--seed", type=int, default=0)
+
+    serve = sub.add_parser("serve", help="serve a policy and its value function over HTTP")
+    serve.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    serve.add_argument("--name", help="policy name in URLs (default: the run's rule-env)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    bench = sub.add_parser("bench", help="side-by-side benchmarks against a peer library")
+    bench.add_argument("which", choices=["ppo-throughput"])
+    bench.add_argument("--steps", type=int, default=20480)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", dest="json_path", help="also write the result to this JSON file")
+
+    quick = sub.add_parser("quickstart", help="train PPO on CartPole-v1 to 450, serve it, query it (make run)")
+    quick.add_argument("--runs-dir", default="runs")
+    quick.add_argument("--stop-return", type=float, default=450.0)
+    quick.add_argument("--stop-steps", type=int, default=300_000)
+    quick.add_argument("--port", type=int, default=8000)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from algorithms.options import parse_overrides
+    from cluster.train import train
+
+    if args.resume and (args.algo or args.env_id):
+        raise UserError("--resume continues a run with its own rule and env: drop --algo/--env")
+    result = train(
+        args.algo, args.env_id, stop_return=args.stop_return, stop_steps=args.stop_steps, seed=args.seed,
+        runs_dir=args.runs_dir, overrides=parse_overrides(args.overrides), resume=args.resume,
+        checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+    )
+    status = "interrupted" if result.interrupted else ("reached the return" if result.reached_return else "done")
+    print(f"{status}: {result.env_steps} env steps, mean return {result.episode_return_mean:.1f}")
+    print(f"run directory: {result.run_dir}")
+    print(f"checkpoint:    {result.checkpoint}")
+    print(f"curve:         {result.run_dir / 'curve.png'}")
+    return 0
+
+
+def cmd_algos(args: argparse.Namespace) -> int:
+    from algorithms.registry import RULES, rule_defaults
+    from rlfleet.papers import paper_statuses, paper_title
+
+    if args.papers:
+        rows = paper_statuses()
+        if args.json:
+            print(json.dumps(rows, indent=1, ensure_ascii=False))
+            return 0
+        for row in rows:
+            print(f"{row['id']}  {row['status']:<12} {row['detail'][:48]:<48}  {row['title'][:70]}")
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("implemented", "no rule", "not yet")}
+        print(f"{len(rows)} papers: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        return 0
+    entries = []
+    for rule in RULES.values():
+        check = rule.learning_check
+        entries.append({
+            "name": rule.name, "family": rule.family, "summary": rule.summary,
+            "papers": [{"id": pid, "title": paper_title(pid)} for pid in rule.paper_ids],
+            "learning_check": {"env": check.env, "steps": check.steps, "threshold": check.threshold,
+                               "source": check.source},
+            "options": rule_defaults(rule),
+        })
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return 0
+    for e in entries:
+        papers = "; ".join(f"{p['id']} {p['title']}" for p in e["papers"])
+        check = e["learning_check"]
+        print(f"{e['name']:<6} {e['family']:<13} {papers}")
+        print(f"       {e['summary']}")
+        print(f"       learning check: {check['env']}, return >= {check['threshold']:g} within {check['steps']} steps")
+        print("       options: " + ", ".join(f"{k}={v}" for k, v in e["options"].items()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cluster.evaluate import evaluate
+
+    result = evaluate(args.path, episodes=args.episodes, seed=args.seed)
+    print(f"{result['env_id']}: mean return {result['mean']:.2f} +- {result['std']:.2f} over {result['episodes']} "
+          "episodes (greedy policy)")
+    return 0
+
+
+def default_policy_name(path: str) -> str:
+    from cluster.checkpoints import read_run_config, resolve_checkpoint, run_dir_of
+
+    run_dir = run_dir_of(resolve_checkpoint(path))
+    if run_dir is None:
+        return "policy"
+    cfg = read_run_config(run_dir)
+    return f"{cfg['algo']}-{cfg['env']}".lower()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from services.serving import serve_policies, shutdown_serving
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    name = args.name or default_policy_name(args.path)
+    url = serve_policies({name: args.path}, host=args.host, port=args.port)
+    print(f"serving {name!r} at {url}/v1/policies/{name}/act and /value (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown_serving()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rlfleet.bench import format_table, run_ppo_throughput
+
+    if args.steps <= 0:
+        raise UserError(f"--steps must be positive, got {args.steps}")
+    result = run_ppo_throughput(steps=args.steps, seed=args.seed)
+    print(format_table(result))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from rlfleet.quickstart import quickstart
+
+    quickstart(runs_dir=args.runs_dir, stop_return=args.stop_return, stop_steps=args.stop_steps, port=args.port)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "algos": cmd_algos, "eval": cmd_eval, "serve": cmd_serve, "bench": cmd_bench,
+            "quickstart": cmd_quickstart}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cluster.local import quiet_ray_logs
+
+    args = build_parser().parse_args(argv)
+    quiet_ray_logs()
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"rlfleet: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("rlfleet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user mistake: one line unless RLFLEET_DEBUG asks for the traceback
+        if os.environ.get("RLFLEET_DEBUG"):
+            raise
+        print(f"rlfleet: internal error: {type(exc).__name__}: {exc} (RLFLEET_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
