@@ -27,12 +27,12 @@ def is_algorithm_checkpoint(path: Path) -> bool:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, oldest first (by modification time)."""
+    """Checkpoints of a run, oldest first (names are iter_NNNNNN, zero-padded, so name order is age order)."""
     root = run_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if is_algorithm_checkpoint(p)]
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+    return sorted(found, key=lambda p: p.name)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

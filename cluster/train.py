@@ -55,11 +55,12 @@ def check_stop_values(stop_return: float | None, stop_steps: int | None, checkpo
 
 def new_run_dir(runs_dir: Path, rule: str, env_id: str, seed: int) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(runs_dir) / f"{rule}-{env_id}-s{seed}-{stamp}"
+    runs_dir = Path(runs_dir).resolve()  # RLlib's checkpoint writer (pyarrow fs) needs absolute paths
+    run_dir = runs_dir / f"{rule}-{env_id}-s{seed}-{stamp}"
     suffix = 1
     while run_dir.exists():
         suffix += 1
-        run_dir = Path(runs_dir) / f"{rule}-{env_id}-s{seed}-{stamp}-{suffix}"
+        run_dir = runs_dir / f"{rule}-{env_id}-s{seed}-{stamp}-{suffix}"
     return run_dir
 
 
@@ -145,7 +146,7 @@ def train(
     """Train until the mean return reaches `stop_return` or `stop_steps` env steps; Ctrl-C stops cleanly."""
     check_stop_values(stop_return, stop_steps, checkpoint_every)
     if resume is not None:
-        run_dir = Path(resume)
+        run_dir = Path(resume).resolve()
         run_config = read_run_config(run_dir)
         checkpoints = list_checkpoints(run_dir)
         if not checkpoints:

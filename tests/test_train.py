@@ -1,0 +1,15 @@
+"""The training loop's bookkeeping: relative run directories, periodic checkpoints, retention."""
+
+from cluster.checkpoints import list_checkpoints, resolve_checkpoint
+from cluster.train import KEEP_CHECKPOINTS, read_history, train
+
+
+def test_relative_runs_dir_and_periodic_checkpoints(ray_session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = train("ppo", "CartPole-v1", stop_steps=7 * 256, runs_dir="runs", progress=False, checkpoint_every=1,
+                   overrides={"train_batch_size": "256", "minibatch_size": "128", "num_epochs": "1"})
+    assert result.run_dir.is_absolute() and result.run_dir.parent == tmp_path / "runs"
+    assert len(read_history(result.run_dir)) == 7
+    kept = list_checkpoints(result.run_dir)
+    assert [p.name for p in kept] == [f"iter_{i:06d}" for i in range(8 - KEEP_CHECKPOINTS, 8)]
+    assert resolve_checkpoint(result.run_dir) == kept[-1] == result.checkpoint
