@@ -1,104 +1,44 @@
 """The registry: rule name -> its paper(s), family, config class, user options and learning check.
 
-Adding a rule = one module under algorithms/<family>/ with the paper's equation in its docstring, plus one
-`Rule(...)` entry below. Everything else (CLI, training loop, verification, serving) reads this table.
+Adding a rule = one module under algorithms/<family>/ with the paper's equation in its docstring and a
+module-level `RULE = Rule(...)` (see algorithms/rule.py). The registry imports every module of the family
+packages below and collects those declarations; the CLI, training loop, verification and serving read it.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import importlib
+import pkgutil
 from typing import Any
 
-from algorithms.options import ONPOLICY_OPTIONS, Option, get_option, parse_value, positive, set_option
+from algorithms.options import get_option, parse_value, set_option
+from algorithms.rule import LearningCheck, PaperWithoutRule, Rule
 from rlfleet.errors import UserError
 
+__all__ = ["RULES", "PAPERS_WITHOUT_RULE", "LearningCheck", "Rule", "get_rule", "build_config", "rule_defaults"]
 
-@dataclass(frozen=True)
-class LearningCheck:
-    """The smallest honest task that shows a rule learns: mean return >= threshold within `steps` env steps."""
-
-    env: str
-    steps: int
-    threshold: float
-    source: str  # where the threshold comes from (paper claim or well-known baseline)
-    overrides: dict[str, Any] = field(default_factory=dict)
+FAMILY_PACKAGES = ("algorithms.onpolicy",)
 
 
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    family: str
-    paper_ids: tuple[str, ...]
-    summary: str
-    config_path: str  # "module:ConfigClass", imported lazily so `rlfleet algos` stays fast
-    options: tuple[Option, ...]
-    learning_check: LearningCheck
-
-    def config_class(self) -> type:
-        import importlib
-
-        module_name, class_name = self.config_path.split(":")
-        return getattr(importlib.import_module(module_name), class_name)
-
-    def option_names(self) -> list[str]:
-        return [o.name for o in self.options]
+def _discover() -> tuple[dict[str, Rule], dict[str, PaperWithoutRule]]:
+    rules: dict[str, Rule] = {}
+    without: dict[str, PaperWithoutRule] = {}
+    for package_name in FAMILY_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            module = importlib.import_module(f"{package_name}.{info.name}")
+            rule = getattr(module, "RULE", None)
+            if isinstance(rule, Rule):
+                if rule.name in rules:
+                    raise RuntimeError(f"rule name {rule.name!r} declared twice ({module.__name__})")
+                rules[rule.name] = rule
+            for entry in getattr(module, "PAPERS_WITHOUT_RULE", ()):
+                without[entry.paper_id] = entry
+    return dict(sorted(rules.items())), without
 
 
-PPO_OPTIONS = ONPOLICY_OPTIONS + (
-    Option("num_epochs", "SGD passes over each batch", positive, ">= 1"),
-    Option("minibatch_size", "SGD minibatch size", positive, ">= 1"),
-    Option("clip_param", "surrogate clip range epsilon", positive, "> 0"),
-    Option("vf_loss_coeff", "value-loss coefficient c1", lambda x: x >= 0, ">= 0"),
-    Option("entropy_coeff", "entropy-bonus coefficient c2", lambda x: x >= 0, ">= 0"),
-    Option("value_clip", "clip V around its old prediction (none = off)", lambda x: x is None or x > 0, "> 0 or none"),
-    Option("use_kl_loss", "add the adaptive KL penalty (P147 section 4)"),
-    Option("kl_coeff", "initial KL-penalty coefficient beta", lambda x: x >= 0, ">= 0"),
-    Option("kl_target", "KL target d_targ for the adaptive penalty", positive, "> 0"),
-)
-
-TRPO_OPTIONS = ONPOLICY_OPTIONS + (
-    Option("max_kl", "trust-region size delta", positive, "> 0"),
-    Option("cg_iters", "conjugate-gradient iterations", positive, ">= 1"),
-    Option("cg_damping", "damping added to the Fisher-vector product", lambda x: x >= 0, ">= 0"),
-    Option("backtrack_coeff", "line-search shrink factor", lambda x: 0 < x < 1, "in (0, 1)"),
-    Option("max_backtracks", "line-search attempts", positive, ">= 1"),
-    Option("vf_epochs", "critic Adam passes per batch", positive, ">= 1"),
-    Option("vf_minibatch_size", "critic minibatch size", positive, ">= 1"),
-)
-
-RULES: dict[str, Rule] = {
-    rule.name: rule
-    for rule in (
-        Rule(
-            name="ppo",
-            family="on-policy",
-            paper_ids=("P147", "P158"),
-            summary="clipped surrogate + value loss + entropy bonus, minibatch Adam epochs; GAE advantages",
-            config_path="algorithms.onpolicy.ppo:PPORuleConfig",
-            options=PPO_OPTIONS,
-            learning_check=LearningCheck("CartPole-v1", 100_000, 450.0, "CleanRL/SB3 PPO reach 500 on CartPole-v1 within 100k steps"),
-        ),
-        Rule(
-            name="trpo",
-            family="trust-region",
-            paper_ids=("P145", "P158"),
-            summary="conjugate-gradient natural step on the surrogate, KL <= delta enforced by line search",
-            config_path="algorithms.onpolicy.trpo:TRPOConfig",
-            options=TRPO_OPTIONS,
-            learning_check=LearningCheck("CartPole-v1", 100_000, 400.0, "SB3-contrib TRPO reaches ~500 on CartPole-v1 within 100k steps"),
-        ),
-        Rule(
-            name="gae",
-            family="on-policy",
-            paper_ids=("P158",),
-            summary="the paper's setup: TRPO policy step on raw (unstandardised) GAE(gamma, lambda) advantages",
-            config_path="algorithms.onpolicy.gae_rule:GAERuleConfig",
-            options=TRPO_OPTIONS,
-            learning_check=LearningCheck("CartPole-v1", 100_000, 400.0, "as TRPO: the estimator must not hurt on CartPole-v1"),
-        ),
-    )
-}
+RULES, PAPERS_WITHOUT_RULE = _discover()
 
 
 def get_rule(name: str) -> Rule:
@@ -112,7 +52,7 @@ def get_rule(name: str) -> Rule:
 
 def rule_defaults(rule: Rule) -> dict[str, Any]:
     """Every option of the rule with its default value."""
-    config = rule.config_class()()
+    config = rule.config_class()
     return {name: get_option(config, name) for name in rule.option_names()}
 
 
@@ -123,7 +63,7 @@ def build_config(rule: Rule, env_id: str, seed: int, overrides: dict[str, str] |
     `overrides` are strings from the command line (parsed against each option's default type);
     `typed_overrides` are already typed (from a run's config.json). Returns (config, resolved options).
     """
-    config = rule.config_class()()
+    config = rule.config_class()
     config.environment(env_id).debugging(seed=seed)
     options = {o.name: o for o in rule.options}
     requested: dict[str, Any] = dict(typed_overrides or {})

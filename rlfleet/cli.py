@@ -59,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", dest="json_path", help="also write the result to this JSON file")
 
+    verify = sub.add_parser("verify", help="run rules' learning checks; write docs/verification/<family>.md")
+    which = verify.add_mutually_exclusive_group(required=True)
+    which.add_argument("--family", help="e.g. on-policy")
+    which.add_argument("--all", action="store_true", help="every registered rule")
+    which.add_argument("--algo", help="one rule")
+    verify.add_argument("--seeds", type=int, default=1)
+    verify.add_argument("--out-dir", default="docs/verification")
+
+    comp = sub.add_parser("compare", help="train several rules on one task, same seeds; one picture + a table")
+    comp.add_argument("--algos", required=True, help="comma-separated rule names, e.g. ppo,trpo")
+    comp.add_argument("--env", dest="env_id", required=True)
+    comp.add_argument("--steps", type=int, required=True, help="env steps per run")
+    comp.add_argument("--seeds", type=int, default=3)
+    comp.add_argument("--out-dir", default="runs/compare")
+    comp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="an option every compared rule accepts (repeatable)")
+
     quick = sub.add_parser("quickstart", help="train PPO on CartPole-v1 to 450, serve it, query it (make run)")
     quick.add_argument("--runs-dir", default="runs")
     quick.add_argument("--stop-return", type=float, default=450.0)
@@ -172,6 +189,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from rlfleet.verify import format_table, verify
+
+    family = None if args.all else args.family
+    if args.algo:
+        from algorithms.registry import get_rule
+
+        family = get_rule(args.algo).family
+    rows, path = verify(family, seeds=args.seeds, out_dir=args.out_dir, progress=True)
+    if args.algo:
+        rows = [r for r in rows if r["rule"] == args.algo]
+    print(format_table(rows, family or "all rules"))
+    print(f"table written to {path}")
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from algorithms.options import parse_overrides
+    from rlfleet.compare import compare, format_table
+
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    summary = compare(algos, args.env_id, args.steps, args.seeds, out_dir=args.out_dir,
+                      overrides=parse_overrides(args.overrides), progress=True)
+    print(format_table(summary))
+    print(f"picture: {summary['out_dir']}/compare.png   table: {summary['out_dir']}/compare.md")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from rlfleet.quickstart import quickstart
 
@@ -180,7 +225,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "algos": cmd_algos, "eval": cmd_eval, "serve": cmd_serve, "bench": cmd_bench,
-            "quickstart": cmd_quickstart}
+            "quickstart": cmd_quickstart, "verify": cmd_verify, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from algorithms.registry import RULES
+from algorithms.registry import PAPERS_WITHOUT_RULE, RULES
 
 # Families whose papers carry no trainable update rule, and the reason shown for them.
 NO_RULE_REASONS = {
@@ -34,6 +34,8 @@ def paper_statuses() -> list[dict[str, Any]]:
         rules = sorted(implemented.get(paper["id"], []))
         if rules:
             status, detail = "implemented", ", ".join(rules)
+        elif paper["id"] in PAPERS_WITHOUT_RULE:  # a rule family's own verdict, with its reason
+            status, detail = "no rule", PAPERS_WITHOUT_RULE[paper["id"]].reason
         elif paper["rule"].startswith("no"):
             status = "no rule"
             detail = NO_RULE_REASONS.get(paper["family"].rstrip("?"), "the paper states no trainable update rule")

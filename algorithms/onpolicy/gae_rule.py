@@ -12,7 +12,8 @@ V with a trust region as well; here the critic is fitted with Adam (see `trpo.py
 
 from __future__ import annotations
 
-from algorithms.onpolicy.trpo import TRPO, TRPOConfig
+from algorithms.onpolicy.trpo import TRPO, TRPO_OPTIONS, TRPOConfig
+from algorithms.rule import LearningCheck, Rule
 
 
 class GAERuleConfig(TRPOConfig):
@@ -27,3 +28,15 @@ class GAERule(TRPO):
     @classmethod
     def get_default_config(cls) -> GAERuleConfig:
         return GAERuleConfig()
+
+
+RULE = Rule(
+    name="gae",
+    family="on-policy",
+    paper_ids=("P158",),
+    summary="the paper's setup: TRPO policy step on raw (unstandardised) GAE(gamma, lambda) advantages",
+    config_class=GAERuleConfig,
+    options=TRPO_OPTIONS,
+    learning_check=LearningCheck("CartPole-v1", 100_000, 400.0,
+                                 "as TRPO (the paper's policy step): ~500 on CartPole-v1 within 100k steps"),
+)

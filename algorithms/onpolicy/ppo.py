@@ -25,6 +25,8 @@ from algorithms.common.divergences import mean_kl
 from algorithms.common.losses import clipped_surrogate, masked_mean, value_loss
 from algorithms.onpolicy.base import OnPolicyAlgorithm, OnPolicyConfig, OnPolicyLearner
 from algorithms.onpolicy.gae import OLD_VALUES
+from algorithms.options import ONPOLICY_OPTIONS, Option, positive
+from algorithms.rule import LearningCheck, Rule
 
 
 def ppo_loss(
@@ -115,6 +117,8 @@ class PPORuleLearner(OnPolicyLearner):
             kl = mean_kl(old_dist, new_dist, mask)
             total = total + self.curr_kl_coeffs_per_module[module_id] * kl
             terms["mean_kl_loss"] = kl  # read by PPOLearner to adapt beta towards kl_target
+        if not self.log_minibatch_metrics:  # window=1 snapshots: only the update's last minibatch is reported
+            return total
         self.metrics.log_dict(
             {
                 POLICY_LOSS_KEY: terms["policy_loss"],
@@ -126,3 +130,27 @@ class PPORuleLearner(OnPolicyLearner):
             window=1,
         )
         return total
+
+
+PPO_OPTIONS = ONPOLICY_OPTIONS + (
+    Option("num_epochs", "SGD passes over each batch", positive, ">= 1"),
+    Option("minibatch_size", "SGD minibatch size", positive, ">= 1"),
+    Option("clip_param", "surrogate clip range epsilon", positive, "> 0"),
+    Option("vf_loss_coeff", "value-loss coefficient c1", lambda x: x >= 0, ">= 0"),
+    Option("entropy_coeff", "entropy-bonus coefficient c2", lambda x: x >= 0, ">= 0"),
+    Option("value_clip", "clip V around its old prediction (none = off)", lambda x: x is None or x > 0, "> 0 or none"),
+    Option("use_kl_loss", "add the adaptive KL penalty (P147 section 4)"),
+    Option("kl_coeff", "initial KL-penalty coefficient beta", lambda x: x >= 0, ">= 0"),
+    Option("kl_target", "KL target d_targ for the adaptive penalty", positive, "> 0"),
+)
+
+RULE = Rule(
+    name="ppo",
+    family="on-policy",
+    paper_ids=("P147", "P158"),
+    summary="clipped surrogate + value loss + entropy bonus, minibatch Adam epochs; GAE advantages",
+    config_class=PPORuleConfig,
+    options=PPO_OPTIONS,
+    learning_check=LearningCheck("CartPole-v1", 100_000, 450.0,
+                                 "CleanRL/SB3 PPO reach ~500 on CartPole-v1 within 100k steps"),
+)

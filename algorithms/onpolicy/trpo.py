@@ -27,6 +27,8 @@ from algorithms.common.conjugate_gradient import backtracking_line_search, conju
 from algorithms.common.divergences import mean_kl
 from algorithms.common.losses import importance_weighted_surrogate, masked_mean, value_loss
 from algorithms.onpolicy.base import OnPolicyAlgorithm, OnPolicyConfig, OnPolicyLearner
+from algorithms.options import ONPOLICY_OPTIONS, Option, positive
+from algorithms.rule import LearningCheck, Rule
 
 VALUE_OPTIMIZER = "value"
 
@@ -253,3 +255,25 @@ class TRPOLearner(OnPolicyLearner):
                 optimizer.step()
                 last = loss.detach()
         return last
+
+
+TRPO_OPTIONS = ONPOLICY_OPTIONS + (
+    Option("max_kl", "trust-region size delta", positive, "> 0"),
+    Option("cg_iters", "conjugate-gradient iterations", positive, ">= 1"),
+    Option("cg_damping", "damping added to the Fisher-vector product", lambda x: x >= 0, ">= 0"),
+    Option("backtrack_coeff", "line-search shrink factor", lambda x: 0 < x < 1, "in (0, 1)"),
+    Option("max_backtracks", "line-search attempts", positive, ">= 1"),
+    Option("vf_epochs", "critic Adam passes per batch", positive, ">= 1"),
+    Option("vf_minibatch_size", "critic minibatch size", positive, ">= 1"),
+)
+
+RULE = Rule(
+    name="trpo",
+    family="trust-region",
+    paper_ids=("P145", "P158"),
+    summary="conjugate-gradient natural step on the surrogate, KL <= delta enforced by line search",
+    config_class=TRPOConfig,
+    options=TRPO_OPTIONS,
+    learning_check=LearningCheck("CartPole-v1", 100_000, 400.0,
+                                 "SB3-contrib TRPO reaches ~500 on CartPole-v1 within 100k steps"),
+)

@@ -1,0 +1,43 @@
+"""What a rule declares about itself. Each rule module ends with `RULE = Rule(...)`; the registry finds it.
+
+A module may also list `PAPERS_WITHOUT_RULE = [PaperWithoutRule("P123", "why"), ...]` for papers of its family
+that have no update rule to implement (theory, survey, analysis), so `rlfleet algos --papers` accounts for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from algorithms.options import Option
+
+
+@dataclass(frozen=True)
+class LearningCheck:
+    """The smallest honest task that shows a rule learns: mean return >= threshold within `steps` env steps."""
+
+    env: str
+    steps: int
+    threshold: float
+    source: str  # where the threshold comes from (paper claim or well-known baseline)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    family: str
+    paper_ids: tuple[str, ...]
+    summary: str
+    config_class: type  # an AlgorithmConfig subclass whose __init__ holds the rule's defaults
+    options: tuple[Option, ...]  # what `--set` may change
+    learning_check: LearningCheck
+
+    def option_names(self) -> list[str]:
+        return [o.name for o in self.options]
+
+
+@dataclass(frozen=True)
+class PaperWithoutRule:
+    paper_id: str
+    reason: str

@@ -1,0 +1,291 @@
+"""`rlfleet bench ppo-throughput`: rlfleet's PPO against Stable-Baselines3's PPO at equal settings.
+
+Both train the same number of env steps on the same env, in this one process, with the same PPO settings
+(read from rlfleet's `ppo` rule so they cannot drift): 2048 steps per rollout from one env, minibatch 64,
+10 epochs, lr 3e-4, gamma 0.99, lambda 0.95, clip 0.2, value coefficient 0.5, entropy 0, grad-norm clip 0.5,
+separate 64-64 tanh MLPs for policy and value. Runs alternate (SB3, rlfleet, then rlfleet, SB3, ...) so that
+drift in machine load hits both; each run starts from a freshly built model.
+
+Only training is timed: Ray start-up, `build_algo()` and SB3's model construction are excluded (SB3's
+`learn()` and rlfleet's `train()` calls are timed, each including its own first env reset).
+
+`run_ppo_throughput` prints nothing; `format_table` renders its result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from typing import Any
+
+from rlfleet.errors import UserError
+
+# Model differences that remain at "equal settings" (reported with the result).
+DIFFERENCES = (
+    "policy std: SB3 a state-independent log-std parameter; RLlib's default module a state-dependent "
+    "log-std output of the policy net",
+    "init: SB3 orthogonal (gain sqrt 2, policy head 0.01, value head 1); RLlib torch's default init",
+    "Adam eps: SB3 1e-5; rlfleet 1e-8 (torch default)",
+    "advantage standardisation: SB3 per minibatch; rlfleet per batch",
+    "critic during rollouts: SB3 evaluates V(s) every step; rlfleet once per batch in the learner",
+    "minibatching: both shuffle every epoch and cut 64-row minibatches of real steps",
+)
+
+
+def _bare_env_steps_per_s(env_id: str, seed: int, steps: int) -> float:
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    actions = [env.action_space.sample() for _ in range(min(steps, 1000))]
+    start = time.perf_counter()
+    for i in range(steps):
+        _, _, terminated, truncated, _ = env.step(actions[i % len(actions)])
+        if terminated or truncated:
+            env.reset()
+    elapsed = time.perf_counter() - start
+    env.close()
+    return steps / elapsed
+
+
+def _rlfleet_config(env_id: str, seed: int):
+    from algorithms.registry import build_config, get_rule
+
+    config, _ = build_config(get_rule("ppo"), env_id, seed, {"num_env_runners": "0"})
+    return config
+
+
+def _run_rlfleet(config, steps: int) -> dict[str, Any]:
+    import torch
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    algo = config.build_algo()
+    threads = config.learner_torch_threads or torch.get_num_threads()
+    torch.set_num_threads(threads)  # an SB3 run in between may have changed the process-wide setting
+    sampled, result, timers = 0, {}, {"sampling": 0.0, "learner": 0.0}
+    try:
+        start = time.perf_counter()
+        while sampled < steps:
+            result = algo.train()
+            sampled = int(result[ENV_RUNNER_RESULTS][NUM_ENV_STEPS_SAMPLED_LIFETIME])
+        elapsed = time.perf_counter() - start
+        episode_return = result[ENV_RUNNER_RESULTS].get("episode_return_mean", math.nan)
+        for key, name in (("sampling", "env_runner_sampling_timer"), ("learner", "learner_update_timer")):
+            timers[key] = float(result.get("timers", {}).get(name, math.nan))
+    finally:
+        algo.stop()
+    return {
+        "env_steps": sampled,
+        "seconds": elapsed,
+        "steps_per_s": sampled / elapsed,
+        "mean_return": float(episode_return),
+        "torch_threads": threads,
+        "iteration_seconds_last": timers,
+    }
+
+
+def _sb3_model(env_id: str, seed: int, config):
+    try:
+        import torch
+        from stable_baselines3 import PPO
+    except ImportError as exc:  # optional dependency
+        raise UserError(f"the benchmark needs Stable-Baselines3 ({exc}); install it with: pip install 'rlfleet[bench]'")
+    hidden = list(config.model_config["fcnet_hiddens"])
+    return PPO(
+        "MlpPolicy",
+        env_id,
+        n_steps=config.train_batch_size_per_learner,
+        batch_size=config.minibatch_size,
+        n_epochs=config.num_epochs,
+        learning_rate=config.lr,
+        gamma=config.gamma,
+        gae_lambda=config.lambda_,
+        clip_range=config.clip_param,
+        vf_coef=config.vf_loss_coeff,
+        ent_coef=config.entropy_coeff,
+        max_grad_norm=config.grad_clip,
+        policy_kwargs={"net_arch": {"pi": hidden, "vf": hidden}, "activation_fn": torch.nn.Tanh},
+        seed=seed,
+        device="cpu",
+        verbose=0,
+    )
+
+
+def _run_sb3(model, steps: int, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    split = {"sampling": 0.0, "learner": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                split[key] += time.perf_counter() - t0
+
+        return wrapper
+
+    model.collect_rollouts = timed(model.collect_rollouts, "sampling")
+    model.train = timed(model.train, "learner")
+    start = time.perf_counter()
+    model.learn(total_timesteps=steps)
+    elapsed = time.perf_counter() - start
+    done = int(model.num_timesteps)
+    rollouts = max(1, math.ceil(done / model.n_steps))
+    returns = [info["r"] for info in model.ep_info_buffer]
+    return {
+        "env_steps": done,
+        "seconds": elapsed,
+        "steps_per_s": done / elapsed,
+        "mean_return": float(statistics.fmean(returns)) if returns else math.nan,
+        "torch_threads": threads,
+        "iteration_seconds_mean": {k: v / rollouts for k, v in split.items()},
+    }
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = [r["steps_per_s"] for r in runs]
+    returns = [r["mean_return"] for r in runs if not math.isnan(r["mean_return"])]
+    return {
+        "steps_per_s": statistics.fmean(rates),
+        "steps_per_s_runs": rates,
+        "mean_return": statistics.fmean(returns) if returns else math.nan,
+        "runs": runs,
+    }
+
+
+def run_ppo_throughput(
+    steps: int = 20480,
+    seed: int = 0,
+    env_id: str = "HalfCheetah-v5",
+    *,
+    repeats: int = 2,
+    sb3_one_thread: bool = True,
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    """Train SB3 PPO and rlfleet PPO for `steps` env steps each, `repeats` times in alternating order.
+
+    Also runs SB3 pinned to one torch thread (as rlfleet's learner is) when `sb3_one_thread`, and measures the
+    bare env's steps/s with random actions. Returns a dict (see `format_table`); writes it as JSON to
+    `json_path` if given. Prints nothing.
+    """
+    if steps < 1 or repeats < 1:
+        raise UserError(f"steps and repeats must be >= 1 (got steps={steps}, repeats={repeats})")
+    import ray
+    import torch
+
+    default_threads = torch.get_num_threads()
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+        started_ray = True
+    try:
+        config = _rlfleet_config(env_id, seed)
+        bare = _bare_env_steps_per_s(env_id, seed, min(steps, 20000))
+        contenders = ["sb3", "rlfleet"] + (["sb3_1thread"] if sb3_one_thread and default_threads != 1 else [])
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+        for rep in range(repeats):
+            order = contenders if rep % 2 == 0 else list(reversed(contenders))
+            for name in order:
+                if name == "rlfleet":
+                    runs[name].append(_run_rlfleet(config, steps))
+                else:
+                    model = _sb3_model(env_id, seed, config)
+                    runs[name].append(_run_sb3(model, steps, default_threads if name == "sb3" else 1))
+                    model.env.close()
+        torch.set_num_threads(default_threads)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    result: dict[str, Any] = {
+        "benchmark": "ppo-throughput",
+        "env_id": env_id,
+        "steps": steps,
+        "seed": seed,
+        "repeats": repeats,
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "timed": "training only (SB3 learn(), rlfleet train() calls); Ray start-up, algo build and SB3 model "
+        "construction excluded",
+        "settings": {
+            "rollout_steps": config.train_batch_size_per_learner,
+            "num_envs": config.num_envs_per_env_runner,
+            "minibatch_size": config.minibatch_size,
+            "num_epochs": config.num_epochs,
+            "lr": config.lr,
+            "gamma": config.gamma,
+            "lambda": config.lambda_,
+            "clip": config.clip_param,
+            "vf_coeff": config.vf_loss_coeff,
+            "entropy_coeff": config.entropy_coeff,
+            "grad_clip": config.grad_clip,
+            "hidden": list(config.model_config["fcnet_hiddens"]),
+            "activation": config.model_config["fcnet_activation"],
+            "rlfleet_num_env_runners": config.num_env_runners,
+            "rlfleet_torch_threads": config.learner_torch_threads,
+            "sb3_torch_threads": default_threads,
+        },
+        "differences": list(DIFFERENCES),
+        "bare_env_steps_per_s": bare,
+        "sb3": _summary(runs["sb3"]),
+        "rlfleet": _summary(runs["rlfleet"]),
+    }
+    if "sb3_1thread" in runs:
+        result["sb3_1thread"] = _summary(runs["sb3_1thread"])
+    result["ratio_rlfleet_over_sb3"] = result["rlfleet"]["steps_per_s"] / result["sb3"]["steps_per_s"]
+    if "sb3_1thread" in result:
+        result["ratio_rlfleet_over_sb3_1thread"] = (
+            result["rlfleet"]["steps_per_s"] / result["sb3_1thread"]["steps_per_s"]
+        )
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2, default=float)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of a `run_ppo_throughput` result."""
+    s = result["settings"]
+    lines = [
+        f"PPO throughput on {result['env_id']}: {result['steps']} env steps per run, {result['repeats']} runs each "
+        f"(alternating order), seed {result['seed']}",
+        f"settings: {s['rollout_steps']} steps/rollout, {s['num_envs']} env, minibatch {s['minibatch_size']}, "
+        f"{s['num_epochs']} epochs, {s['hidden']} {s['activation']} MLPs (policy and value separate)",
+        f"timed: {result['timed']}",
+        "",
+        f"{'':26s} {'env steps/s':>12s} {'runs':>22s} {'mean return':>12s} {'sample s/iter':>14s} {'learn s/iter':>13s}",
+    ]
+    rows = [(f"SB3 PPO ({s['sb3_torch_threads']} threads)", "sb3")]
+    if "sb3_1thread" in result:
+        rows.append(("SB3 PPO (1 thread)", "sb3_1thread"))
+    rows.append((f"rlfleet PPO ({s['rlfleet_torch_threads'] or 'default'} thread)", "rlfleet"))
+    for label, key in rows:
+        entry = result[key]
+        split = entry["runs"][-1].get("iteration_seconds_mean") or entry["runs"][-1].get("iteration_seconds_last")
+        runs = ", ".join(f"{r:.0f}" for r in entry["steps_per_s_runs"])
+        lines.append(
+            f"{label:26s} {entry['steps_per_s']:12.0f} {runs:>22s} {entry['mean_return']:12.1f}"
+            f" {split['sampling']:14.3f} {split['learner']:13.3f}"
+        )
+    lines += [
+        f"{'bare env (random actions)':26s} {result['bare_env_steps_per_s']:12.0f}",
+        "",
+        f"ratio rlfleet / SB3: {result['ratio_rlfleet_over_sb3']:.2f}x"
+        + (
+            f"   (vs SB3 on 1 torch thread: {result['ratio_rlfleet_over_sb3_1thread']:.2f}x)"
+            if "ratio_rlfleet_over_sb3_1thread" in result
+            else ""
+        ),
+        f"rlfleet: {s['rlfleet_num_env_runners']} remote EnvRunners (samples in the driver), learner in the driver",
+        "remaining model differences: " + "; ".join(result["differences"]),
+    ]
+    if result.get("load_average"):
+        lines.append(f"machine: {result['cpu_count']} CPUs, load average at the end {result['load_average'][0]:.1f}")
+    return "\n".join(lines)

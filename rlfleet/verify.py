@@ -1,0 +1,88 @@
+"""`rlfleet verify`: run rules' learning checks and write the verification table of what was measured."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from algorithms.registry import RULES, Rule
+from rlfleet.errors import UserError
+
+# A family name given to --family selects these registry families.
+FAMILY_GROUPS = {
+    "on-policy": ("on-policy", "trust-region", "optimizer"),
+    "trust-region": ("trust-region",),
+}
+
+
+def rules_for_family(family: str | None) -> list[Rule]:
+    if family is None:
+        return list(RULES.values())
+    families = FAMILY_GROUPS.get(family, (family,))
+    selected = [r for r in RULES.values() if r.family in families]
+    if not selected:
+        known = sorted(set(FAMILY_GROUPS) | {r.family for r in RULES.values()})
+        raise UserError(f"no rules in family {family!r}; valid families: {', '.join(known)}")
+    return selected
+
+
+def run_check(rule: Rule, seeds: int, runs_dir: Path, progress: bool = False) -> dict[str, Any]:
+    """Train `rule` on its learning check once per seed; it passes when every seed reaches the threshold."""
+    from cluster.train import train
+
+    check = rule.learning_check
+    per_seed = []
+    for seed in range(seeds):
+        start = time.perf_counter()
+        result = train(rule.name, check.env, stop_return=check.threshold, stop_steps=check.steps, seed=seed,
+                       runs_dir=runs_dir, progress=progress,
+                       overrides={k: str(v) for k, v in check.overrides.items()})
+        per_seed.append({"seed": seed, "reached": result.reached_return, "return": result.episode_return_mean,
+                         "env_steps": result.env_steps, "wall_s": time.perf_counter() - start,
+                         "run_dir": str(result.run_dir)})
+    returns = [s["return"] for s in per_seed]
+    return {
+        "rule": rule.name, "papers": list(rule.paper_ids), "env": check.env, "budget": check.steps,
+        "threshold": check.threshold, "source": check.source, "seeds": seeds,
+        "return_mean": statistics.fmean(returns), "return_min": min(returns),
+        "passed": all(s["reached"] for s in per_seed), "wall_s": sum(s["wall_s"] for s in per_seed),
+        "per_seed": per_seed,
+    }
+
+
+def format_table(rows: list[dict[str, Any]], title: str) -> str:
+    lines = [
+        f"# Verification: {title}",
+        "",
+        "Measured by `rlfleet verify`: each rule trained on its learning check once per seed, stopping at the",
+        "threshold or the step budget. Pass = every seed reached the threshold within the budget.",
+        "",
+        "| rule | paper | env | budget (steps) | seeds | return reached (mean / min) | threshold | pass | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['rule']} | {', '.join(r['papers'])} | {r['env']} | {r['budget']:,} | {r['seeds']} | "
+            f"{r['return_mean']:.1f} / {r['return_min']:.1f} | {r['threshold']:g} | "
+            f"{'pass' if r['passed'] else 'FAIL'} | {r['wall_s']:.0f} s |"
+        )
+    lines += ["", "Thresholds and where they come from:", ""]
+    lines += [f"- {r['rule']}: {r['source']}" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verification",
+           runs_dir: str | Path | None = None, progress: bool = False) -> tuple[list[dict[str, Any]], Path]:
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    rules = rules_for_family(family)
+    runs = Path(runs_dir) if runs_dir else Path(tempfile.mkdtemp(prefix="rlfleet-verify-"))
+    rows = [run_check(rule, seeds, runs, progress) for rule in rules]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{family or 'all'}.md"
+    path.write_text(format_table(rows, family or "all rules"))
+    return rows, path
