@@ -32,6 +32,8 @@ class Rule:
     config_class: type  # an AlgorithmConfig subclass whose __init__ holds the rule's defaults
     options: tuple[Option, ...]  # what `--set` may change
     learning_check: LearningCheck
+    # Options that make the smoke test (tests/test_rules_ray.py) one cheap iteration on the check's env.
+    smoke_overrides: dict[str, Any] = field(default_factory=dict)
 
     def option_names(self) -> list[str]:
         return [o.name for o in self.options]

@@ -17,11 +17,18 @@ def _runner_weights(algo) -> dict:
     return results[0]
 
 
+def smoke_options(rule) -> dict[str, str]:
+    """One cheap iteration: a small batch, few epochs, one EnvRunner actor (the real Ray path)."""
+    options = {"train_batch_size": "256", "num_env_runners": "1", "minibatch_size": "64", "num_epochs": "2"}
+    options = {k: v for k, v in options.items() if k in rule.option_names()}
+    return options | {k: str(v) for k, v in rule.smoke_overrides.items()}
+
+
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_rule_trains_checkpoints_and_restores(name, ray_session, tmp_path):
     rule = get_rule(name)
-    config, _ = build_config(rule, "CartPole-v1", 0, {"train_batch_size": "256", "num_env_runners": "1"}
-                             | ({"minibatch_size": "64", "num_epochs": "2"} if "num_epochs" in rule.option_names() else {}))
+    env_id = rule.learning_check.env
+    config, _ = build_config(rule, env_id, 0, smoke_options(rule))
     algo = config.build_algo()
     try:
         before = {k: v.clone() for k, v in algo.get_module().state_dict().items()}
@@ -35,8 +42,7 @@ def test_rule_trains_checkpoints_and_restores(name, ray_session, tmp_path):
     finally:
         algo.stop()
 
-    fresh, _ = build_config(rule, "CartPole-v1", 1, {"train_batch_size": "256", "num_env_runners": "1"}
-                            | ({"minibatch_size": "64", "num_epochs": "2"} if "num_epochs" in rule.option_names() else {}))
+    fresh, _ = build_config(rule, env_id, 1, smoke_options(rule))
     restored = fresh.build_algo()
     try:
         restored.restore_from_path(str(tmp_path / "ckpt"))
