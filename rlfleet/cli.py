@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks against a peer library")
-    bench.add_argument("which", choices=["ppo-throughput"])
-    bench.add_argument("--steps", type=int, default=20480)
+    bench.add_argument("which", choices=["ppo-throughput", "replay"])
+    bench.add_argument("--steps", type=int, default=20480, help="ppo-throughput: env steps per library")
+    bench.add_argument("--transitions", type=int, default=50_000, help="replay: transitions inserted and sampled")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", dest="json_path", help="also write the result to this JSON file")
 
@@ -178,11 +179,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rlfleet.bench import format_table, run_ppo_throughput
-
     if args.steps <= 0:
         raise UserError(f"--steps must be positive, got {args.steps}")
-    result = run_ppo_throughput(steps=args.steps, seed=args.seed)
+    if args.transitions < 256:
+        raise UserError(f"--transitions must be >= 256 (one sample batch), got {args.transitions}")
+    if args.which == "replay":
+        from services.replay.bench import format_table, run_replay_bench
+
+        result = run_replay_bench(n=args.transitions, seed=args.seed)
+    else:
+        from rlfleet.bench import format_table, run_ppo_throughput
+
+        result = run_ppo_throughput(steps=args.steps, seed=args.seed)
     print(format_table(result))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
