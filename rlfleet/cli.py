@@ -200,15 +200,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from rlfleet.verify import format_table, verify
 
-    family = None if args.all else args.family
-    if args.algo:
-        from algorithms.registry import get_rule
-
-        family = get_rule(args.algo).family
-    rows, path = verify(family, seeds=args.seeds, out_dir=args.out_dir, progress=True)
-    if args.algo:
-        rows = [r for r in rows if r["rule"] == args.algo]
-    print(format_table(rows, family or "all rules"))
+    family = None if (args.all or args.algo) else args.family
+    rows, path = verify(family, seeds=args.seeds, out_dir=args.out_dir, progress=True, only=args.algo)
+    print(format_table(rows, args.algo or family or "all rules"))
     print(f"table written to {path}")
     return 0 if all(r["passed"] for r in rows) else 1
 

@@ -75,14 +75,25 @@ def format_table(rows: list[dict[str, Any]], title: str) -> str:
 
 
 def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verification",
-           runs_dir: str | Path | None = None, progress: bool = False) -> tuple[list[dict[str, Any]], Path]:
+           runs_dir: str | Path | None = None, progress: bool = False,
+           only: str | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """Run the learning checks of a family (or of every rule, or of the one rule `only`) and write the table.
+
+    The table goes to <out_dir>/<family>.md (<out_dir>/<rule>.md for a single rule, so a one-rule run never
+    overwrites the family's table)."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
-    rules = rules_for_family(family)
+    if only is not None:
+        from algorithms.registry import get_rule
+
+        rules = [get_rule(only)]
+    else:
+        rules = rules_for_family(family)
     runs = Path(runs_dir) if runs_dir else Path(tempfile.mkdtemp(prefix="rlfleet-verify-"))
     rows = [run_check(rule, seeds, runs, progress) for rule in rules]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{family or 'all'}.md"
-    path.write_text(format_table(rows, family or "all rules"))
+    name = only or family or "all"
+    path = out / f"{name}.md"
+    path.write_text(format_table(rows, only or family or "all rules"))
     return rows, path
