@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from algorithms.options import set_option
 from algorithms.registry import Rule, build_config, get_rule
 from cluster.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE, list_checkpoints, read_run_config
 from cluster.local import ensure_ray
@@ -166,6 +167,10 @@ def train(
         config, options = build_config(rule, env_id, seed, overrides)
         run_dir = new_run_dir(Path(runs_dir), rule.name, env_id, seed)
         checkpoints = []
+        if "replay_namespace" in options and not options["replay_namespace"]:
+            # Off-policy rules: the run's Redis replay table is named after the run, so --resume finds it again.
+            set_option(config, "replay_namespace", run_dir.name)
+            options["replay_namespace"] = run_dir.name
     if stop_return is None and stop_steps is None:
         raise UserError("give --stop-return, --stop-steps or both, so training has an end")
 

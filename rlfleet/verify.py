@@ -15,6 +15,7 @@ from rlfleet.errors import UserError
 FAMILY_GROUPS = {
     "on-policy": ("on-policy", "trust-region", "optimizer"),
     "trust-region": ("trust-region",),
+    "off-policy": ("off-policy", "value-based"),
 }
 
 
