@@ -26,6 +26,7 @@ from rlfleet.errors import UserError
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "curve.png"
 KEEP_CHECKPOINTS = 5
+SMOOTHING_EPISODES = 100  # the stop criterion and the reported return average over this many episodes
 # Learner result keys copied into metrics.jsonl when a rule reports them.
 LOSS_KEYS = (
     "total_loss", "policy_loss", "vf_loss", "entropy", "mean_kl_loss", "approx_kl", "clip_fraction",
@@ -63,6 +64,28 @@ def new_run_dir(runs_dir: Path, rule: str, env_id: str, seed: int) -> Path:
         suffix += 1
         run_dir = runs_dir / f"{rule}-{env_id}-s{seed}-{stamp}-{suffix}"
     return run_dir
+
+
+def smoothed_return(history: list[dict[str, Any]], window: int = SMOOTHING_EPISODES) -> float | None:
+    """Mean return over (about) the last `window` finished episodes.
+
+    RLlib's `episode_return_mean` covers only the episodes that finished in one iteration (a few, late in
+    CartPole), so one lucky iteration could end a learning check. Each iteration's mean is weighted by its
+    number of episodes, going back until `window` episodes are covered.
+    """
+    total, episodes = 0.0, 0
+    for i in range(len(history) - 1, -1, -1):
+        record = history[i]
+        if record["episode_return_mean"] is None:
+            continue
+        before = history[i - 1]["episodes"] if i > 0 else 0
+        count = max(record["episodes"] - before, 1)
+        take = min(count, window - episodes)
+        total += take * record["episode_return_mean"]
+        episodes += take
+        if episodes >= window:
+            break
+    return total / episodes if episodes else None
 
 
 def iteration_record(result: dict[str, Any], iteration: int, elapsed_s: float, steps_before: int,
@@ -197,8 +220,8 @@ def _train_loop(algo, rule: Rule, env_id: str, run_dir: Path, history: list[dict
 
     iteration = history[-1]["iteration"] if history else 0
     env_steps = history[-1]["env_steps"] if history else 0
-    mean_return = next((h["episode_return_mean"] for h in reversed(history) if h["episode_return_mean"] is not None),
-                       float("nan"))
+    mean_return = smoothed_return(history) if history else None
+    mean_return = float("nan") if mean_return is None else mean_return
     elapsed_before = history[-1]["time_s"] if history else 0.0
     bar = tqdm(total=stop_steps, initial=env_steps, unit="step", disable=not progress, dynamic_ncols=True,
                desc=f"{rule.name} {env_id}")
@@ -216,9 +239,11 @@ def _train_loop(algo, rule: Rule, env_id: str, run_dir: Path, history: list[dict
                                           env_steps, time.perf_counter() - iter_start)
                 bar.update(record["env_steps"] - env_steps)
                 env_steps = record["env_steps"]
-                if record["episode_return_mean"] is not None:
-                    mean_return = record["episode_return_mean"]
                 history.append(record)
+                smoothed = smoothed_return(history)
+                record["return_mean_100"] = smoothed
+                if smoothed is not None:
+                    mean_return = smoothed
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 bar.set_postfix(ret=f"{mean_return:.1f}", sps=f"{record['steps_per_s'] or 0:.0f}")

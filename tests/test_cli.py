@@ -27,7 +27,7 @@ def run_main(capsys, argv):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["train", "--algo", "ppx", "--env", "CartPole-v1", "--stop-steps", "10"], "unknown rule 'ppx' (did you mean ppo?); valid rules: gae, ppo, trpo"),
+        (["train", "--algo", "ppx", "--env", "CartPole-v1", "--stop-steps", "10"], "unknown rule 'ppx' (did you mean ppo?); valid rules: "),
         (["train", "--algo", "ppo", "--env", "CartPol-v1", "--stop-steps", "10"], "unknown env 'CartPol-v1'"),
         (["train", "--algo", "ppo", "--env", "CartPole-v1", "--stop-steps", "10", "--set", "lrr=1"], "unknown option 'lrr' for rule ppo (did you mean lr?); valid:"),
         (["train", "--algo", "ppo", "--env", "CartPole-v1", "--stop-steps", "10", "--set", "lr=-1"], "lr=-1.0 is impossible: lr must be > 0"),
@@ -89,7 +89,9 @@ def test_console_script_error_has_no_traceback():
     proc = subprocess.run(RLFLEET + ["train", "--algo", "nope", "--env", "CartPole-v1", "--stop-steps", "1"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["rlfleet: error: unknown rule 'nope'; valid rules: gae, ppo, trpo"]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlfleet: error: unknown rule 'nope'; valid rules: ")
+    assert "ppo, " in lines[0] and "trpo" in lines[0]
 
 
 def test_ctrl_c_saves_a_final_checkpoint_and_exits_cleanly(tmp_path):
