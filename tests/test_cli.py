@@ -78,9 +78,9 @@ def test_algos_papers_accounts_for_every_paper(capsys):
                if line.startswith("| P") and line.split("|")[1].strip()[1:].isdigit()]
         assert [r["id"] for r in rows] == ids
     by_id = {r["id"]: r for r in rows}
-    assert by_id["P147"]["status"] == "implemented" and by_id["P147"]["rules"] == ["ppo"]
-    assert by_id["P145"]["rules"] == ["trpo"]
-    assert sorted(by_id["P158"]["rules"]) == ["gae", "ppo", "trpo"]
+    assert by_id["P147"]["status"] == "implemented" and "ppo" in by_id["P147"]["rules"]
+    assert "trpo" in by_id["P145"]["rules"]
+    assert {"gae", "ppo", "trpo"} <= set(by_id["P158"]["rules"])  # every GAE-based rule cites P158
     assert by_id["P003"]["status"] == "no rule" and "outside RL" in by_id["P003"]["detail"]
     assert {r["status"] for r in rows} <= {"implemented", "no rule", "not yet"}
 
