@@ -49,3 +49,31 @@ def episode_arrays(episodes: list) -> dict[str, np.ndarray]:
 def call_learners(learner_group, fn) -> list:
     """fn(learner) on every Learner (local or remote); their results, raising any Learner's error here."""
     return [result.get() for result in learner_group.foreach_learner(fn)]
+
+
+def update_on_episodes(algo, episodes: list) -> None:
+    """RLlib PPO's learner step on `episodes` (the config's epochs and minibatches), results into algo.metrics."""
+    from ray.rllib.utils.metrics import (
+        ALL_MODULES,
+        ENV_RUNNER_RESULTS,
+        LEARNER_RESULTS,
+        LEARNER_UPDATE_TIMER,
+        NUM_ENV_STEPS_SAMPLED_LIFETIME,
+        NUM_MODULE_STEPS_TRAINED_LIFETIME,
+        TIMERS,
+    )
+
+    config = algo.config
+    with algo.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+        results = algo.learner_group.update(
+            episodes=episodes,
+            timesteps={
+                NUM_ENV_STEPS_SAMPLED_LIFETIME: algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME)),
+                NUM_MODULE_STEPS_TRAINED_LIFETIME: algo.metrics.peek(
+                    (LEARNER_RESULTS, ALL_MODULES, NUM_MODULE_STEPS_TRAINED_LIFETIME), default=0),
+            },
+            num_epochs=config.num_epochs,
+            minibatch_size=config.minibatch_size,
+            shuffle_batch_per_epoch=config.shuffle_batch_per_epoch,
+        )
+        algo.metrics.aggregate(results, key=LEARNER_RESULTS)
