@@ -28,7 +28,7 @@ DIFFERENCES = (
     "policy std: SB3 a state-independent log-std parameter; RLlib's default module a state-dependent "
     "log-std output of the policy net",
     "init: SB3 orthogonal (gain sqrt 2, policy head 0.01, value head 1); RLlib torch's default init",
-    "Adam eps: SB3 1e-5; rlfleet 1e-8 (torch default)",
+    "Adam: SB3 eps 1e-5; rlfleet eps 1e-8 (torch default), fused kernel (same update rule)",
     "advantage standardisation: SB3 per minibatch; rlfleet per batch",
     "critic during rollouts: SB3 evaluates V(s) every step; rlfleet once per batch in the learner",
     "minibatching: both shuffle every epoch and cut 64-row minibatches of real steps",
@@ -59,13 +59,23 @@ def _rlfleet_config(env_id: str, seed: int):
     return config
 
 
-def _run_rlfleet(config, steps: int) -> dict[str, Any]:
+def _rllib_paths(config):
+    """The same config with every lean path switched off: RLlib's own sampler, minibatch loop and Adam."""
+    config = config.copy(copy_frozen=False)
+    config.lean_sampling = False
+    config.lean_learner_update = False
+    config.fused_adam = False
+    config.env_runner_cls = None
+    return config
+
+
+def _run_rlfleet(config, steps: int, default_threads: int) -> dict[str, Any]:
     import torch
     from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
     algo = config.build_algo()
-    threads = config.learner_torch_threads or torch.get_num_threads()
-    torch.set_num_threads(threads)  # an SB3 run in between may have changed the process-wide setting
+    threads = config.learner_torch_threads or default_threads
+    torch.set_num_threads(threads)  # another run in between may have changed the process-wide setting
     sampled, result, timers = 0, {}, {"sampling": 0.0, "learner": 0.0}
     try:
         start = time.perf_counter()
@@ -167,13 +177,15 @@ def run_ppo_throughput(
     *,
     repeats: int = 2,
     sb3_one_thread: bool = True,
+    rllib_paths: bool = False,
     json_path: str | None = None,
 ) -> dict[str, Any]:
     """Train SB3 PPO and rlfleet PPO for `steps` env steps each, `repeats` times in alternating order.
 
-    Also runs SB3 pinned to one torch thread (as rlfleet's learner is) when `sb3_one_thread`, and measures the
-    bare env's steps/s with random actions. Returns a dict (see `format_table`); writes it as JSON to
-    `json_path` if given. Prints nothing.
+    Also runs SB3 pinned to one torch thread (as rlfleet's learner is) when `sb3_one_thread`, rlfleet with its
+    lean paths switched off (RLlib's own sampler, minibatch loop and Adam; still one torch thread) when
+    `rllib_paths`, and measures the bare env's steps/s with random actions. Returns a dict (see
+    `format_table`); writes it as JSON to `json_path` if given. Prints nothing.
     """
     if steps < 1 or repeats < 1:
         raise UserError(f"steps and repeats must be >= 1 (got steps={steps}, repeats={repeats})")
@@ -189,12 +201,15 @@ def run_ppo_throughput(
         config = _rlfleet_config(env_id, seed)
         bare = _bare_env_steps_per_s(env_id, seed, min(steps, 20000))
         contenders = ["sb3", "rlfleet"] + (["sb3_1thread"] if sb3_one_thread and default_threads != 1 else [])
+        contenders += ["rlfleet_rllib_paths"] if rllib_paths else []
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
         for rep in range(repeats):
             order = contenders if rep % 2 == 0 else list(reversed(contenders))
             for name in order:
                 if name == "rlfleet":
-                    runs[name].append(_run_rlfleet(config, steps))
+                    runs[name].append(_run_rlfleet(config, steps, default_threads))
+                elif name == "rlfleet_rllib_paths":
+                    runs[name].append(_run_rlfleet(_rllib_paths(config), steps, default_threads))
                 else:
                     model = _sb3_model(env_id, seed, config)
                     runs[name].append(_run_sb3(model, steps, default_threads if name == "sb3" else 1))
@@ -237,8 +252,9 @@ def run_ppo_throughput(
         "sb3": _summary(runs["sb3"]),
         "rlfleet": _summary(runs["rlfleet"]),
     }
-    if "sb3_1thread" in runs:
-        result["sb3_1thread"] = _summary(runs["sb3_1thread"])
+    for name in ("sb3_1thread", "rlfleet_rllib_paths"):
+        if name in runs:
+            result[name] = _summary(runs[name])
     result["ratio_rlfleet_over_sb3"] = result["rlfleet"]["steps_per_s"] / result["sb3"]["steps_per_s"]
     if "sb3_1thread" in result:
         result["ratio_rlfleet_over_sb3_1thread"] = (
@@ -266,6 +282,8 @@ def format_table(result: dict[str, Any]) -> str:
     if "sb3_1thread" in result:
         rows.append(("SB3 PPO (1 thread)", "sb3_1thread"))
     rows.append((f"rlfleet PPO ({s['rlfleet_torch_threads'] or 'default'} thread)", "rlfleet"))
+    if "rlfleet_rllib_paths" in result:
+        rows.append(("rlfleet, RLlib's paths", "rlfleet_rllib_paths"))
     for label, key in rows:
         entry = result[key]
         split = entry["runs"][-1].get("iteration_seconds_mean") or entry["runs"][-1].get("iteration_seconds_last")
@@ -283,11 +301,20 @@ def format_table(result: dict[str, Any]) -> str:
             if "ratio_rlfleet_over_sb3_1thread" in result
             else ""
         ),
-        f"rlfleet: {s['rlfleet_num_env_runners']} remote EnvRunners (samples in the driver), learner in the driver",
-        "remaining model differences: " + "; ".join(result["differences"]),
+        "",
+        f"rlfleet: {s['rlfleet_num_env_runners']} remote EnvRunners (samples in the driver), learner in the driver.",
+        "mean return: SB3 = mean of its ep_info_buffer (last 100 episodes); rlfleet = episode_return_mean at the "
+        "end (last 100 episodes). s/iter: per 2048-step rollout and update; SB3 averaged over the last run, "
+        "rlfleet RLlib's smoothed timers at the end of its last run.",
     ]
+    if "rlfleet_rllib_paths" in result:
+        lines.append("rlfleet, RLlib's paths: lean_sampling, lean_learner_update and fused_adam off (RLlib's own "
+                     "EnvRunner loop, minibatch loop and Adam), same 1 torch thread.")
+    lines.append("remaining model differences (not throughput):")
+    lines += [f"  - {d}" for d in result["differences"]]
     if result.get("load_average"):
-        lines.append(f"machine: {result['cpu_count']} CPUs, load average at the end {result['load_average'][0]:.1f}")
+        lines.append(f"machine: {result['cpu_count']} CPUs, load average at the end {result['load_average'][0]:.1f} "
+                     "(a busy machine slows both; multi-threaded torch suffers most)")
     return "\n".join(lines)
 
 

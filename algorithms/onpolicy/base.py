@@ -8,13 +8,22 @@ a learner update on the fresh episodes, weights back to the runners). A rule cha
 
 This module swaps RLlib's built-in GAE piece for the selectable advantage estimators of
 `ADVANTAGE_ESTIMATORS` (GAE, P158, with a switch for raw advantages).
+
+It also removes RLlib's per-step and per-minibatch overhead without touching the math (docs/bench-ppo-throughput.md):
+`OnPolicyEnvRunner` runs RLlib's default connector pipelines as two fused calls (episodes bit-identical to
+RLlib's), `OnPolicyLearner.update` runs the minibatch epochs as a lean loop over one tensor batch, the gradient
+step checks finiteness once instead of per tensor, Adam is torch's fused kernel, and the local learner's process
+uses one torch thread. Each has a config switch back to RLlib's own code (`lean_sampling`,
+`lean_learner_update`, `fused_adam`, `learner_torch_threads`); `rlfleet.bench.check_lean_paths` compares them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import copy
+import logging
+import math
+import time
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -39,12 +48,17 @@ from ray.rllib.connectors.module_to_env import (
 )
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.training_data import TrainingData
+from ray.rllib.core.distribution.torch.torch_distribution import TorchDiagGaussian
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
+from ray.rllib.env.env_errors import StepFailedRecreateEnvError
+from ray.rllib.env.env_runner import ENV_STEP_FAILURE, NUM_ENV_STEP_FAILURES_LIFETIME
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.from_config import NotProvided
 from ray.rllib.utils.metrics import (
     ALL_MODULES,
+    ENV_STEP_TIMER,
+    RLMODULE_INFERENCE_TIMER,
     MODULE_TRAIN_BATCH_SIZE_MEAN,
     NUM_ENV_STEPS_TRAINED,
     NUM_ENV_STEPS_TRAINED_LIFETIME,
@@ -60,6 +74,8 @@ from ray.rllib.utils.spaces.space_utils import clip_action, unbatch, unsquash_ac
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
 from algorithms.onpolicy.gae import GAEConnector
+
+_rllib_logger = logging.getLogger("ray.rllib")
 
 # name -> factory(config) building the learner connector piece that writes ADVANTAGES and VALUE_TARGETS.
 ADVANTAGE_ESTIMATORS: dict[str, Callable[[Any], ConnectorV2]] = {
@@ -157,18 +173,40 @@ class _LeanEnvToModule:
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
-        self.numpy_to_tensor = pipeline.connectors[-1]
+        numpy_to_tensor = pipeline.connectors[-1]
+        self.device = numpy_to_tensor._device
+        self.pin_memory = numpy_to_tensor._pin_memory
+        self.on_cpu = self.device is None or torch.device(self.device).type == "cpu"
 
     def __call__(self, *, episodes, shared_data=None, **kwargs):
         observations = batch_fn([episode.get_observations(-1) for episode in episodes],
                                 individual_items_already_have_batch_dim="auto")
         if shared_data is not None:  # what BatchIndividualItems leaves for UnBatchToIndividualItems
             shared_data["memorized_map_structure"] = [episode.id_ for episode in episodes]
-        return convert_to_torch_tensor(
-            {Columns.OBS: observations},
-            pin_memory=self.numpy_to_tensor._pin_memory,
-            device=self.numpy_to_tensor._device,
-        )
+        if self.on_cpu and isinstance(observations, np.ndarray) and observations.dtype != object:
+            # convert_to_torch_tensor's CPU path for one array.
+            tensor = torch.from_numpy(observations)
+            if tensor.is_floating_point() and tensor.dtype != torch.float16:
+                tensor = tensor.float()
+            return {Columns.OBS: tensor}
+        return convert_to_torch_tensor({Columns.OBS: observations}, pin_memory=self.pin_memory, device=self.device)
+
+
+# numpy dtype -> what convert_to_numpy(reduce_type=True) casts it to (False: left as is).
+_NUMPY_CAST: dict = {}
+_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+def _diag_gaussian_sample_and_logp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TorchDiagGaussian.from_logits(logits): sample() and logp(sample), op for op (same values, same RNG
+    draws) without building the distribution objects: loc, log_std = chunk; scale = exp(log_std);
+    torch.distributions.Normal's sample and log_prob, summed over the action dims."""
+    loc, log_std = logits.chunk(2, dim=-1)
+    loc, scale = torch.broadcast_tensors(loc, log_std.exp())
+    with torch.no_grad():
+        actions = torch.normal(loc, scale)
+    logp = (-((actions - loc) ** 2) / (2 * scale**2) - scale.log() - _LOG_SQRT_2PI).sum(-1)
+    return actions, logp
 
 
 class _LeanModuleToEnv:
@@ -197,11 +235,19 @@ class _LeanModuleToEnv:
             and np.issubdtype(space.dtype, np.integer)
         )
         self.discrete = isinstance(space, gym.spaces.Discrete)
+        self.box_span = (space.high - space.low) if self.box_float_bounded else None
 
     def __call__(self, *, rl_module, batch, episodes, explore=None, **kwargs):
         if Columns.ACTIONS not in batch and Columns.ACTION_DIST_INPUTS in batch:
             if explore:
-                dist = rl_module.get_exploration_action_dist_cls().from_logits(batch[Columns.ACTION_DIST_INPUTS])
+                dist_cls = rl_module.get_exploration_action_dist_cls()
+                if dist_cls is TorchDiagGaussian:
+                    actions, logp = _diag_gaussian_sample_and_logp(batch[Columns.ACTION_DIST_INPUTS])
+                    batch[Columns.ACTIONS] = actions
+                    if Columns.ACTION_LOGP not in batch:
+                        batch[Columns.ACTION_LOGP] = logp
+                    return self._to_env(batch)
+                dist = dist_cls.from_logits(batch[Columns.ACTION_DIST_INPUTS])
             else:
                 dist = rl_module.get_inference_action_dist_cls().from_logits(batch[Columns.ACTION_DIST_INPUTS])
                 dist = dist.to_deterministic()
@@ -209,6 +255,9 @@ class _LeanModuleToEnv:
             batch[Columns.ACTIONS] = actions
             if Columns.ACTION_LOGP not in batch:
                 batch[Columns.ACTION_LOGP] = dist.logp(actions)
+        return self._to_env(batch)
+
+    def _to_env(self, batch):
         arrays = self._flat_numpy(batch)
         if arrays is None or not (self.box or self.discrete):
             return self._generic(batch)
@@ -227,18 +276,22 @@ class _LeanModuleToEnv:
             if not isinstance(value, torch.Tensor) or value.ndim == 0:
                 return None
             array = value.detach().cpu().numpy()
-            if np.issubdtype(array.dtype, np.floating):
-                array = array.astype(np.float32)
-            elif np.issubdtype(array.dtype, int):
-                array = array.astype(np.int32)
-            arrays[column] = array
+            cast = _NUMPY_CAST.get(array.dtype)
+            if cast is None:
+                cast = _NUMPY_CAST.setdefault(
+                    array.dtype,
+                    np.float32 if np.issubdtype(array.dtype, np.floating)
+                    else np.int32 if np.issubdtype(array.dtype, int) else False,
+                )
+            arrays[column] = array.astype(cast) if cast is not False else array
         return arrays
 
     def _for_env(self, actions: np.ndarray) -> np.ndarray:
         space = self.action_space_struct
         if self.normalize_actions:
-            if self.box_float_bounded:
-                return np.clip(space.low + (actions + 1.0) * (space.high - space.low) / 2.0, space.low, space.high)
+            if self.box_float_bounded:  # np.clip(low + (a + 1) * (high - low) / 2, low, high)
+                unsquashed = space.low + (actions + 1.0) * self.box_span / 2.0
+                return np.minimum(np.maximum(unsquashed, space.low, out=unsquashed), space.high, out=unsquashed)
             if self.box_int_bounded:
                 return space.low + actions
             return actions.copy()
@@ -296,28 +349,165 @@ class OnPolicyEnvRunner(SingleAgentEnvRunner):
         return _LeanEnvToModule(env_to_module), _LeanModuleToEnv(module_to_env)
 
     @override(SingleAgentEnvRunner)
-    def _sample(self, *, random_actions: bool = False, **kwargs):
-        lean = self._lean_pipelines(random_actions)
+    def _sample(
+        self,
+        *,
+        num_timesteps: int | None = None,
+        num_episodes: int | None = None,
+        explore: bool,
+        random_actions: bool = False,
+        force_reset: bool = False,
+    ):
+        lean = self._lean_pipelines(random_actions) if num_timesteps is not None else None
         if lean is None:
-            return super()._sample(random_actions=random_actions, **kwargs)
+            return super()._sample(
+                num_timesteps=num_timesteps, num_episodes=num_episodes, explore=explore,
+                random_actions=random_actions, force_reset=force_reset,
+            )
         module = self.module
         saved = self._env_to_module, self._module_to_env
         was_training = module.training
-        # TorchRLModule.forward_exploration/inference = switch to eval mode + _forward_...(); in eval mode for the
-        # whole rollout, the switch is a no-op that still walks every submodule: call the inner method directly.
-        shortcut = type(module).forward_exploration is TorchRLModule.forward_exploration
         self._env_to_module, self._module_to_env = lean
         module.eval()
-        if shortcut:
-            module.__dict__["forward_exploration"] = module._forward_exploration
         try:
-            return super()._sample(random_actions=random_actions, **kwargs)
+            return self._lean_sample(num_timesteps=num_timesteps, explore=explore, force_reset=force_reset)
         finally:
             self._env_to_module, self._module_to_env = saved
-            module.__dict__.pop("forward_exploration", None)
             if was_training:
                 module.train()
 
+    def _lean_sample(self, *, num_timesteps: int, explore: bool, force_reset: bool):
+        """SingleAgentEnvRunner._sample (timesteps mode) with the fused pipelines and per-rollout bookkeeping.
+
+        Step for step the same as RLlib's loop (same env calls, same episode contents, same callbacks); the
+        per-step inference and env-step timers are logged once per rollout as their mean, and the Prometheus
+        env-step counter once with the count.
+        """
+        ts = 0
+        done_episodes_to_return = []
+        if force_reset or self._needs_initial_reset:
+            self._reset_envs_and_episodes(explore)
+
+        module = self.module
+        # TorchRLModule.forward_exploration/inference = switch to eval mode + _forward_...(). The module is in
+        # eval mode for the whole rollout, so call the inner method (the switch walks every submodule).
+        if explore:
+            overridden = type(module).forward_exploration is not TorchRLModule.forward_exploration
+            forward = module.forward_exploration if overridden else module._forward_exploration
+        else:
+            overridden = type(module).forward_inference is not TorchRLModule.forward_inference
+            forward = module.forward_inference if overridden else module._forward_inference
+        env_to_module, module_to_env = self._env_to_module, self._module_to_env
+        num_runners = self.config.num_env_runners or 1
+        num_envs = self.num_envs
+        inference_s = env_step_s = 0.0
+        env_steps_tried = 0
+        clock = time.perf_counter
+
+        while ts < num_timesteps:
+            to_module = self._cached_to_module
+            assert to_module is not None
+            self._cached_to_module = None
+            t0 = clock()
+            if explore:
+                global_env_steps_lifetime = (self.num_env_steps_sampled_lifetime // num_runners + ts) * num_runners
+                to_env = forward(to_module, t=global_env_steps_lifetime)
+            else:
+                to_env = forward(to_module)
+            inference_s += clock() - t0
+            to_env = module_to_env(
+                rl_module=module, batch=to_env, episodes=self._ongoing_episodes, explore=explore,
+                shared_data=self._shared_data,
+            )
+            actions = to_env.pop(Columns.ACTIONS)
+            actions_for_env = to_env.pop(Columns.ACTIONS_FOR_ENV, actions)
+
+            t0 = clock()
+            try:
+                results = self.env.step(actions_for_env)
+            except Exception as error:
+                results = self._lean_step_failed(error)
+            env_step_s += clock() - t0
+            env_steps_tried += 1
+            if results is ENV_STEP_FAILURE:
+                ts = 0
+                self._reset_envs_and_episodes(explore)
+                continue
+
+            observations, rewards, terminateds, truncateds, infos = results
+            observations, actions = unbatch(observations), unbatch(actions)
+
+            episodes = self._ongoing_episodes
+            call_on_episode_start = set()
+            for env_index in range(num_envs):
+                extra_model_output = {k: v[env_index] for k, v in to_env.items()}
+                extra_model_output[WEIGHTS_SEQ_NO] = self._weights_seq_no
+                if not episodes[env_index].is_reset:
+                    episodes[env_index].add_env_reset(observation=observations[env_index], infos=infos[env_index])
+                    call_on_episode_start.add(env_index)
+                else:
+                    ts += 1
+                    episodes[env_index].add_env_step(
+                        observation=observations[env_index],
+                        action=actions[env_index],
+                        reward=rewards[env_index],
+                        infos=infos[env_index],
+                        terminated=terminateds[env_index],
+                        truncated=truncateds[env_index],
+                        extra_model_outputs=extra_model_output,
+                    )
+
+            self._cached_to_module = env_to_module(episodes=episodes, shared_data=self._shared_data)
+
+            for env_index in range(num_envs):
+                if env_index in call_on_episode_start:
+                    self._make_on_episode_callback("on_episode_start", env_index, episodes)
+                else:
+                    self._make_on_episode_callback("on_episode_step", env_index, episodes)
+                if episodes[env_index].is_done:
+                    self._make_on_episode_callback("on_episode_end", env_index, episodes)
+                    if self.episodes_to_numpy:
+                        done_episodes_to_return.append(episodes[env_index].to_numpy())
+                    else:
+                        done_episodes_to_return.append(episodes[env_index])
+                    self._new_episode(env_index, episodes)
+
+        if env_steps_tried:
+            self.metrics.log_value(RLMODULE_INFERENCE_TIMER, inference_s / env_steps_tried, reduce="ema")
+            self.metrics.log_value(ENV_STEP_TIMER, env_step_s / env_steps_tried, reduce="ema")
+            self._log_env_steps(metric=self._metrics_num_try_env_step, num_steps=env_steps_tried)
+
+        # From here on as SingleAgentEnvRunner._sample.
+        self._done_episodes_for_metrics.extend(done_episodes_to_return)
+        ongoing_episodes_to_return = []
+        continuations = [
+            episode.cut(len_lookback_buffer=self.config.episode_lookback_horizon) for episode in self._ongoing_episodes
+        ]
+        for episode in self._ongoing_episodes:
+            if episode.t == 0:
+                continue
+            episode.validate()
+            self._ongoing_episodes_for_metrics[episode.id_].append(episode)
+            ongoing_episodes_to_return.append(episode.to_numpy() if self.episodes_to_numpy else episode)
+        self._ongoing_episodes = continuations
+        self._log_env_steps(metric=self._metrics_num_env_steps_sampled, num_steps=ts)
+        self._increase_sampled_metrics(ts, len(done_episodes_to_return))
+        return done_episodes_to_return + ongoing_episodes_to_return
+
+    def _lean_step_failed(self, error: Exception):
+        """`EnvRunner._try_env_step`'s handling of an env step that raised: count it, then recreate the env
+        and report ENV_STEP_FAILURE (the loop resets and goes on), or raise if restarts are off."""
+        self.metrics.log_value(NUM_ENV_STEP_FAILURES_LIFETIME, 1, reduce="lifetime_sum")
+        if self.config.restart_failed_sub_environments:
+            if not isinstance(error, StepFailedRecreateEnvError):
+                _rllib_logger.exception(f"RLlib {type(self).__name__}: Environment step failed. Will force reset "
+                                        f"env(s) in this EnvRunner. The original error is: {error}")
+            self.make_env()
+            return ENV_STEP_FAILURE
+        _rllib_logger.exception(f"RLlib {type(self).__name__}: Environment step failed and "
+                                "'config.restart_failed_sub_environments' is False. The original error type: "
+                                f"{type(error)}. {error}")
+        raise RuntimeError from error
 
 class OnPolicyAlgorithm(PPO):
     """RLlib's PPO training step (sample -> learner update -> sync weights), with our config class."""
@@ -534,6 +724,16 @@ class OnPolicyLearner(PPOTorchLearner):
             self._log_steps_trained_metrics(minibatch)
             self._set_slicing_by_batch_id(minibatch, value=False)
         return loss_per_module
+
+    @override(PPOTorchLearner)
+    def add_module(self, *args, **kwargs):
+        self._lean_step_checked = False  # the optimizer set changes: re-check what the lean step supports
+        return super().add_module(*args, **kwargs)
+
+    @override(PPOTorchLearner)
+    def remove_module(self, *args, **kwargs):
+        self._lean_step_checked = False
+        return super().remove_module(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # The lean gradient step.
