@@ -668,6 +668,8 @@ class OnPolicyLearner(PPOTorchLearner):
         loss_per_module: dict[str, Any] = {}
         num_minibatches = rows_trained = 0
         device = next(iter(columns.values())).device if columns else None
+        if module_id in self.module:
+            self.module[module_id].train()  # the whole tree, once; _lean_forward_train then checks the root flag
         try:
             for epoch in range(num_epochs if num_rows else 0):
                 if shuffle:
@@ -764,12 +766,28 @@ class OnPolicyLearner(PPOTorchLearner):
             return super()._uncompiled_update(batch, **kwargs)
         if self.log_minibatch_metrics:
             self._compute_off_policyness(batch)
-        fwd_out = self.module.forward_train(batch)
+        fwd_out = self._lean_forward_train(batch)
         loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=batch)
         gradients = self.compute_gradients(loss_per_module)
         if not self._lean_apply_gradients(gradients):
             self.apply_gradients(self.postprocess_gradients(gradients))
         return fwd_out, loss_per_module, {}
+
+    def _lean_forward_train(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`self.module.forward_train(batch)` without `TorchRLModule.forward_train`'s `self.train()`, which walks
+        every submodule on every minibatch: the module is put in training mode once (checked per call)."""
+        fwd_out = {}
+        for module_id, module_batch in batch.items():
+            if module_id not in self.module:
+                continue
+            module = self.module[module_id]
+            if type(module).forward_train is not TorchRLModule.forward_train or module.inference_only:
+                fwd_out[module_id] = module.forward_train(module_batch)  # RLlib's path (and its errors)
+                continue
+            if not module.training:
+                module.train()
+            fwd_out[module_id] = module._forward_train(module_batch)
+        return fwd_out
 
     def _lean_apply_gradients(self, gradients: dict) -> bool:
         """Global-norm clipping + optimizer steps with one finiteness check for all gradients.
