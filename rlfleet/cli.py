@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--algo", help="one rule")
     verify.add_argument("--seeds", type=int, default=1)
     verify.add_argument("--out-dir", default="docs/verification")
+    verify.add_argument("--resume", action="store_true",
+                        help="keep rows already measured (same --seeds) in <out-dir>/<family>.json; run the rest")
 
     comp = sub.add_parser("compare", help="train several rules on one task, same seeds; one picture + a table")
     comp.add_argument("--algos", required=True, help="comma-separated rule names, e.g. ppo,trpo")
@@ -201,7 +203,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from rlfleet.verify import format_table, verify
 
     family = None if (args.all or args.algo) else args.family
-    rows, path = verify(family, seeds=args.seeds, out_dir=args.out_dir, progress=True, only=args.algo)
+    rows, path = verify(family, seeds=args.seeds, out_dir=args.out_dir, progress=True, only=args.algo,
+                        resume=args.resume)
     print(format_table(rows, args.algo or family or "all rules"))
     print(f"table written to {path}")
     return 0 if all(r["passed"] for r in rows) else 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -61,27 +64,51 @@ def format_table(rows: list[dict[str, Any]], title: str) -> str:
         "Measured by `rlfleet verify`: each rule trained on its learning check once per seed, stopping at the",
         "threshold or the step budget. Pass = every seed reached the threshold within the budget.",
         "",
-        "| rule | paper | env | budget (steps) | seeds | return reached (mean / min) | threshold | pass | wall time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rule | paper | env | budget (steps) | seeds | return reached (mean / min) | threshold | pass | wall time "
+        "| measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['rule']} | {', '.join(r['papers'])} | {r['env']} | {r['budget']:,} | {r['seeds']} | "
             f"{r['return_mean']:.1f} / {r['return_min']:.1f} | {r['threshold']:g} | "
-            f"{'pass' if r['passed'] else 'FAIL'} | {r['wall_s']:.0f} s |"
+            f"{'pass' if r['passed'] else 'FAIL'} | {r['wall_s']:.0f} s | {r.get('date', '?')} {r.get('commit', '')} |"
         )
     lines += ["", "Thresholds and where they come from:", ""]
     lines += [f"- {r['rule']}: {r['source']}" for r in rows]
     return "\n".join(lines) + "\n"
 
 
+def _measured_at() -> dict[str, str]:
+    """When and on which commit a row was measured, so a resumed table says which rows are older."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"date": datetime.date.today().isoformat(), "commit": commit}
+
+
+def load_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of an earlier run (its JSON sidecar), by rule name; a missing or unreadable file gives none."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(rows, list):
+        return {}
+    return {r["rule"]: r for r in rows if isinstance(r, dict) and "rule" in r}
+
+
 def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verification",
            runs_dir: str | Path | None = None, progress: bool = False,
-           only: str | None = None) -> tuple[list[dict[str, Any]], Path]:
+           only: str | None = None, resume: bool = False) -> tuple[list[dict[str, Any]], Path]:
     """Run the learning checks of a family (or of every rule, or of the one rule `only`) and write the table.
 
     The table goes to <out_dir>/<family>.md (<out_dir>/<rule>.md for a single rule, so a one-rule run never
-    overwrites the family's table)."""
+    overwrites the family's table), its rows to <name>.json beside it, both rewritten after every rule so a long
+    run that is stopped keeps what it measured. With `resume`, rules that already have a row measured with the
+    same number of seeds are not run again (their row keeps its date and commit)."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if only is not None:
@@ -91,10 +118,17 @@ def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verif
     else:
         rules = rules_for_family(family)
     runs = Path(runs_dir) if runs_dir else Path(tempfile.mkdtemp(prefix="rlfleet-verify-"))
-    rows = [run_check(rule, seeds, runs, progress) for rule in rules]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = only or family or "all"
-    path = out / f"{name}.md"
-    path.write_text(format_table(rows, only or family or "all rules"))
+    path, rows_path = out / f"{name}.md", out / f"{name}.json"
+    earlier = load_rows(rows_path) if resume else {}
+    rows: list[dict[str, Any]] = []
+    for rule in rules:
+        row = earlier.get(rule.name)
+        if row is None or row.get("seeds") != seeds:
+            row = {**run_check(rule, seeds, runs, progress), **_measured_at()}
+        rows.append(row)
+        rows_path.write_text(json.dumps(rows, indent=1) + "\n")
+        path.write_text(format_table(rows, only or family or "all rules"))
     return rows, path

@@ -1,6 +1,7 @@
 """`rlfleet verify` reports what it measured (pass and fail); `rlfleet compare` aligns curves over seeds."""
 
 import dataclasses
+import json
 
 import numpy as np
 
@@ -33,6 +34,15 @@ def test_verify_reports_pass_and_fail(ray_session, tmp_path, monkeypatch):
     table = path.read_text()
     assert "| ppo-easy | P147, P158 | CartPole-v1 | 512 | 1 |" in table and "| pass |" in table and "| FAIL |" in table
     assert table == format_table(rows, "test-family")
+
+    # --resume keeps the measured rows (same seeds) and runs only what is missing: drop one row, resume.
+    sidecar = tmp_path / "docs" / "test-family.json"
+    kept = [r for r in json.loads(sidecar.read_text()) if r["rule"] == "ppo-easy"]
+    sidecar.write_text(json.dumps(kept))
+    again, _ = verify("test-family", seeds=1, out_dir=tmp_path / "docs", runs_dir=tmp_path / "runs2", resume=True)
+    assert [r["rule"] for r in again] == ["ppo-easy", "ppo-hard"]
+    assert again[0] == kept[0]  # not re-run: same wall time, date and commit
+    assert again[1]["per_seed"][0]["run_dir"].startswith(str(tmp_path / "runs2"))
 
 
 def test_compare_two_rules_two_seeds(ray_session, tmp_path):
