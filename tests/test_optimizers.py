@@ -9,14 +9,12 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.evaluation.postprocessing import Postprocessing
 
 from algorithms.common.optimizers import (
-    GradientRuleConfigMixin,
-    GradientRuleMixin,
     clip_by_component_norm_,
     clip_by_global_norm_,
     clip_gradients_,
     polyak_step_size,
 )
-from algorithms.onpolicy.ppo import PPORuleConfig, PPORuleLearner
+from algorithms.onpolicy.ppo import PPORuleConfig
 from algorithms.onpolicy.ppo_polyak import PPOPolyakConfig, ppo_polyak_gap
 from algorithms.onpolicy.trpo import _is_value_param
 from algorithms.registry import build_config, get_rule
@@ -140,18 +138,9 @@ def test_ppo_polyak_learner_takes_the_polyak_step(grad_clip):
     assert grad_clip is None or scale < 1.0  # the clipped case really clipped
 
 
-class _GenericConfig(GradientRuleConfigMixin, PPORuleConfig):
-    def get_default_learner_class(self):
-        return _GenericLearner
-
-
-class _GenericLearner(GradientRuleMixin, PPORuleLearner):
-    pass
-
-
 def test_any_rule_gets_polyak_with_a_known_optimum():
     # A rule that supplies no gap of its own: f - f* = total loss - polyak_f_star, over all parameters (one SGD).
-    config = _GenericConfig().environment("CartPole-v1").training(
+    config = PPORuleConfig().environment("CartPole-v1").training(
         step_size_rule="polyak", polyak_f_star=-5.0, polyak_c=0.5, polyak_max_lr=100.0, grad_clip=None
     )
     learner = config.build_learner(env=gym.make("CartPole-v1"))
@@ -170,7 +159,7 @@ def test_any_rule_gets_polyak_with_a_known_optimum():
 
 
 def test_component_clipping_inside_the_learner():
-    config = _GenericConfig().environment("CartPole-v1").training(grad_clip=0.01, grad_clip_by="norm")
+    config = PPORuleConfig().environment("CartPole-v1").training(grad_clip=0.01, grad_clip_by="norm")
     learner = config.build_learner(env=gym.make("CartPole-v1"))
     module = learner.module["default_policy"]
     batch = _batch(module)
@@ -185,6 +174,25 @@ def test_component_clipping_inside_the_learner():
     assert not learner._lean_step_supported()  # the fused step would clip by global norm: it must stay off
 
 
+def test_ppo_family_rules_offer_the_gradient_rules():
+    # Every rule on PPO's learner takes them through --set; a rule with its own optimizers is not offered the
+    # Polyak step (it would need plain SGD on each of them) but keeps the clipping rules.
+    config, _ = build_config(get_rule("ppo"), "CartPole-v1", 0, {"step_size_rule": "polyak", "grad_clip_by": "norm"})
+    assert config.step_size_rule == "polyak" and config.grad_clip_by == "norm"
+    config, _ = build_config(get_rule("ript"), "SparseReach-v0", 0, {"grad_clip_by": "value", "grad_clip": "0.1"})
+    assert config.grad_clip_by == "value"
+    with pytest.raises(UserError, match="unknown option 'step_size_rule' for rule props"):
+        build_config(get_rule("props"), "CartPole-v1", 0, {"step_size_rule": "polyak"})
+    config, _ = build_config(get_rule("props"), "CartPole-v1", 0, {"grad_clip_by": "norm"})
+    assert config.grad_clip_by == "norm"
+
+
+def test_global_norm_clip_keeps_the_fused_step():
+    # Plain PPO (grad_clip 0.5 by global norm) must not lose the lean fused step to the gradient-rule mixin.
+    learner = PPORuleConfig().environment("CartPole-v1").build_learner(env=gym.make("CartPole-v1"))
+    assert learner._lean_step_supported()
+
+
 def test_bad_options_are_refused():
     rule = get_rule("ppo_polyak")
     with pytest.raises(UserError, match="grad_clip_by must be one of global_norm, norm, value"):
@@ -197,11 +205,11 @@ def test_bad_options_are_refused():
     fixed.step_size_rule = "optimizer"
     with pytest.raises(ValueError, match="step_size_rule must be 'polyak'"):
         fixed.validate()
-    config = _GenericConfig()
+    config = PPORuleConfig()
     config.step_size_rule = "sgd"
     with pytest.raises(ValueError, match="step_size_rule='sgd' is unknown"):
         config.validate()
-    config = _GenericConfig()
+    config = PPORuleConfig()
     config.polyak_max_lr = -1.0
     with pytest.raises(ValueError, match="polyak_max_lr must be > 0"):
         config.validate()

@@ -28,7 +28,10 @@ paper's twin-model estimate of the unknown optimal return V* needs two policies 
 one-policy EnvRunner/checkpoint/serving path does not have; it is not implemented.
 
 The mechanism is two mixins, `GradientRuleConfigMixin` (config fields and range checks) and `GradientRuleMixin`
-(a learner that clips and steps as above), plus `GRADIENT_RULE_OPTIONS` for `--set`.
+(a learner that clips and steps as above), plus `GRADIENT_RULE_OPTIONS` for `--set`. PPO's config and learner
+(`algorithms/onpolicy/ppo.py`) include both, so every rule on PPO's learner offers them (`rlfleet algos` lists
+each rule's options); a rule with its own optimizers drops the Polyak options (`POLYAK_OPTION_NAMES`). Plain
+global-norm clipping stays on the learner's own (fused) step, the same rule up to RLlib's +1e-6 in the norm.
 """
 
 from __future__ import annotations
@@ -202,7 +205,12 @@ class GradientRuleMixin:
             self._polyak_gaps[(module_id, name)] = torch.as_tensor(gap).detach()
 
     def _uses_gradient_rules(self, config) -> bool:
-        return config.grad_clip is not None or getattr(config, "step_size_rule", "optimizer") != "optimizer"
+        # Global-norm clipping alone is left to the learner's own step (RLlib's, or OnPolicyLearner's fused one):
+        # both compute P243 as threshold / max(||g|| + 1e-6, threshold), which differs from the exact rule only
+        # for norms within 1e-6 of the threshold, and the fused step is what makes PPO fast (docs/bench-*.md).
+        if getattr(config, "step_size_rule", "optimizer") != "optimizer":
+            return True
+        return config.grad_clip is not None and config.grad_clip_by != "global_norm"
 
     # -- RLlib hooks ---------------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ from torch import nn
 from algorithms.common.config_fields import check_not_recurrent, check_positive_ints, set_provided
 from algorithms.common.distributional import QuantileEmbedding, midpoint_taus, quantile_huber_loss, quantile_td_targets
 from algorithms.common.transitions import TransitionRecorder, TransitionRing
-from algorithms.onpolicy.ppo import PPO_OPTIONS, PPORule, PPORuleConfig, PPORuleLearner
+from algorithms.onpolicy.ppo import POLYAK_OPTION_NAMES, PPO_OPTIONS, PPORule, PPORuleConfig, PPORuleLearner
 from algorithms.options import Option, non_negative, positive
 from algorithms.rule import LearningCheck, Rule
 
@@ -271,7 +271,8 @@ class PGRainbowLearner(PPORuleLearner):
                         gamma=config.gamma, kappa=config.iqn_kappa)
 
 
-PG_RAINBOW_OPTIONS = PPO_OPTIONS + (
+# Its own optimizers: the Polyak step (plain SGD on every optimizer) is not offered.
+PG_RAINBOW_OPTIONS = tuple(o for o in PPO_OPTIONS if o.name not in POLYAK_OPTION_NAMES) + (
     Option("iqn_num_quantiles", "N: quantiles of q_phi(s) in the distilled critic", positive, ">= 1"),
     Option("iqn_num_cosines", "cosine features of the IQN quantile embedding", positive, ">= 1"),
     Option("iqn_num_tau_samples", "sampled fractions N = N' in the IQN loss", positive, ">= 1"),

@@ -23,6 +23,7 @@ from ray.rllib.utils.annotations import override
 
 from algorithms.common.divergences import mean_kl
 from algorithms.common.losses import clipped_surrogate, masked_mean, value_loss
+from algorithms.common.optimizers import GRADIENT_RULE_OPTIONS, GradientRuleConfigMixin, GradientRuleMixin
 from algorithms.onpolicy.base import OnPolicyAlgorithm, OnPolicyConfig, OnPolicyLearner
 from algorithms.onpolicy.gae import OLD_VALUES
 from algorithms.options import ONPOLICY_OPTIONS, Option, positive
@@ -62,8 +63,12 @@ def ppo_loss(
     }
 
 
-class PPORuleConfig(OnPolicyConfig):
-    """PPO's options; defaults are the paper's MuJoCo settings (Table 3), the same as Stable-Baselines3's."""
+class PPORuleConfig(GradientRuleConfigMixin, OnPolicyConfig):
+    """PPO's options; defaults are the paper's MuJoCo settings (Table 3), the same as Stable-Baselines3's.
+
+    The gradient rules of `algorithms/common/optimizers.py` (P243 / P232 clipping, P234's Polyak step) come with
+    it, so every rule built on PPO's learner can select them (`--set grad_clip_by=norm`, `step_size_rule=polyak`).
+    """
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or PPORule)
@@ -90,7 +95,7 @@ class PPORule(OnPolicyAlgorithm):
         return PPORuleConfig()
 
 
-class PPORuleLearner(OnPolicyLearner):
+class PPORuleLearner(GradientRuleMixin, OnPolicyLearner):
     @override(OnPolicyLearner)
     def compute_loss_for_module(self, *, module_id: str, config: PPORuleConfig, batch: dict[str, Any], fwd_out):
         module = self.module[module_id].unwrapped()
@@ -142,7 +147,10 @@ PPO_OPTIONS = ONPOLICY_OPTIONS + (
     Option("use_kl_loss", "add the adaptive KL penalty (P147 section 4)"),
     Option("kl_coeff", "initial KL-penalty coefficient beta", lambda x: x >= 0, ">= 0"),
     Option("kl_target", "KL target d_targ for the adaptive penalty", positive, "> 0"),
-)
+) + GRADIENT_RULE_OPTIONS
+
+# What a rule drops from PPO_OPTIONS when it registers its own optimizers (the Polyak step replaces them).
+POLYAK_OPTION_NAMES = ("step_size_rule", "polyak_c", "polyak_max_lr", "polyak_f_star")
 
 RULE = Rule(
     name="ppo",

@@ -38,7 +38,6 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.rllib.utils.annotations import override
 
 from algorithms.common.losses import clipped_surrogate, masked_mean
-from algorithms.common.optimizers import GRADIENT_RULE_OPTIONS, GradientRuleConfigMixin, GradientRuleMixin
 from algorithms.onpolicy.ppo import PPO_OPTIONS, PPORule, PPORuleConfig, PPORuleLearner
 from algorithms.onpolicy.trpo import _is_value_param
 from algorithms.options import Option, non_negative
@@ -66,7 +65,7 @@ def ppo_polyak_gap(
     return masked_mean(gap, mask)
 
 
-class PPOPolyakConfig(GradientRuleConfigMixin, PPORuleConfig):
+class PPOPolyakConfig(PPORuleConfig):
     """PPO's defaults (paper Table 3) with the Polyak step on the policy; the critic keeps Adam at `lr`."""
 
     def __init__(self, algo_class=None):
@@ -102,7 +101,7 @@ class PPOPolyak(PPORule):
         return PPOPolyakConfig()
 
 
-class PPOPolyakLearner(GradientRuleMixin, PPORuleLearner):
+class PPOPolyakLearner(PPORuleLearner):
     """Policy: SGD with the Polyak step on the PPO policy loss. Critic: Adam at `lr`."""
 
     @override(PPORuleLearner)
@@ -155,8 +154,7 @@ RULE = Rule(
             "surrogate's known optimum as f*; selectable P243/P232 gradient clipping",
     config_class=PPOPolyakConfig,
     # step_size_rule is fixed to polyak and the rule supplies f - f* itself, so those two options are not offered.
-    options=tuple(o for o in PPO_OPTIONS if o.name != "entropy_coeff")
-    + tuple(o for o in GRADIENT_RULE_OPTIONS if o.name not in ("step_size_rule", "polyak_f_star")) + (
+    options=tuple(o for o in PPO_OPTIONS if o.name not in ("entropy_coeff", "step_size_rule", "polyak_f_star")) + (
         Option("entropy_coeff", "entropy-bonus coefficient c_H (discrete actions only)", non_negative, ">= 0"),
     ),
     learning_check=LearningCheck("CartPole-v1", 100_000, 450.0,

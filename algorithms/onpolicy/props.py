@@ -62,7 +62,7 @@ from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, ENV_RUNNER_SAMPLING_TIME
 from algorithms.common.config_fields import check_not_recurrent, check_positive_ints, set_provided
 from algorithms.common.divergences import kl_categorical
 from algorithms.common.sampling import call_learners, episode_arrays, sample_env_steps, update_on_episodes
-from algorithms.onpolicy.ppo import PPO_OPTIONS, PPORule, PPORuleConfig, PPORuleLearner
+from algorithms.onpolicy.ppo import POLYAK_OPTION_NAMES, PPO_OPTIONS, PPORule, PPORuleConfig, PPORuleLearner
 from algorithms.options import Option, non_negative, positive
 from algorithms.rule import LearningCheck, Rule
 
@@ -322,7 +322,8 @@ class PROPS(PPORule):
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
 
-PROPS_OPTIONS = PPO_OPTIONS + (
+# Its own optimizers: the Polyak step (plain SGD on every optimizer) is not offered.
+PROPS_OPTIONS = tuple(o for o in PPO_OPTIONS if o.name not in POLYAK_OPTION_NAMES) + (
     Option("props_num_steps", "m: env steps between behaviour-policy updates", positive, ">= 1"),
     Option("props_buffer_batches", "b: batches of data retained (current one included)", positive, ">= 1"),
     Option("props_lr", "behaviour-policy Adam step size", positive, "> 0"),
