@@ -124,3 +124,13 @@ def test_rollouts_share_their_context_and_only_signal_is_trained(ray_session):
         assert "RLOOConnector" in names and "GAEConnector" not in names
     finally:
         algo.stop()
+
+
+@pytest.mark.parametrize("rule_name, env_id", [("ppo", "CartPole-v1"), ("ript", ENV_ID)])
+def test_rloo_is_a_selectable_advantage_estimator(rule_name, env_id):
+    # Any on-policy rule can swap GAE for the leave-one-out piece; RIPT uses it by default.
+    overrides = {"advantage_estimator": "rloo"} if rule_name == "ppo" else {}
+    config, _ = build_config(get_rule(rule_name), env_id, 0, overrides)
+    learner = config.build_learner(env=gym.make(env_id))
+    names = [type(piece).__name__ for piece in learner._learner_connector.connectors]
+    assert "RLOOConnector" in names and "GAEConnector" not in names and "GeneralAdvantageEstimation" not in names

@@ -11,9 +11,8 @@ The estimator is meant for whole episodes (RIPT samples K complete rollouts per 
 by step-based sampling is scored by the rewards it holds. Like `gae.py`, it expects
 `AddOneTsToEpisodesAndTruncate` earlier in the pipeline (one phantom row per episode, masked out of losses).
 
-To make it selectable with `advantage_estimator="rloo"`, base.py's ADVANTAGE_ESTIMATORS needs the entry
-    "rloo": lambda config: RLOOConnector(standardize_advantages=config.standardize_advantages),
-(RIPT, P229, installs it in its learner's build() meanwhile).
+Any on-policy rule selects it with `advantage_estimator="rloo"` (base.py's ADVANTAGE_ESTIMATORS); RIPT (P229)
+uses it by default.
 """
 
 from __future__ import annotations

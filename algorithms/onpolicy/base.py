@@ -7,7 +7,7 @@ a learner update on the fresh episodes, weights back to the runners). A rule cha
 - its options (an `OnPolicyConfig` subclass with its own defaults and `training()` keywords).
 
 This module swaps RLlib's built-in GAE piece for the selectable advantage estimators of
-`ADVANTAGE_ESTIMATORS` (GAE, P158, with a switch for raw advantages).
+`ADVANTAGE_ESTIMATORS` (GAE, P158, with a switch for raw advantages; RLOO, P229).
 
 It also removes RLlib's per-step and per-minibatch overhead without touching the math (docs/bench-ppo-throughput.md):
 `OnPolicyEnvRunner` runs RLlib's default connector pipelines as two fused calls (episodes bit-identical to
@@ -73,6 +73,7 @@ from ray.rllib.utils.spaces.space_utils import batch as batch_fn
 from ray.rllib.utils.spaces.space_utils import clip_action, unbatch, unsquash_action
 from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 
+from algorithms.common.rloo_connector import RLOOConnector
 from algorithms.onpolicy.gae import GAEConnector
 
 _rllib_logger = logging.getLogger("ray.rllib")
@@ -82,6 +83,8 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[[Any], ConnectorV2]] = {
     "gae": lambda config: GAEConnector(
         gamma=config.gamma, lambda_=config.lambda_, standardize_advantages=config.standardize_advantages
     ),
+    # P229's leave-one-out advantages (episodes grouped by their reset context; gamma and lambda_ unused).
+    "rloo": lambda config: RLOOConnector(standardize_advantages=config.standardize_advantages),
 }
 
 

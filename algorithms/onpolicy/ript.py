@@ -74,6 +74,7 @@ class RIPTConfig(PPORuleConfig):
         self.vf_loss_coeff = 0.0  # critic-free
         self.entropy_coeff = 0.0
         self.standardize_advantages = False  # raw leave-one-out advantages
+        self.advantage_estimator = "rloo"
         self.num_envs_per_env_runner = 1
         # Not used for sampling (B contexts x K episodes are); RLlib's checks only need it >= minibatch_size.
         self.train_batch_size_per_learner = 2048
@@ -113,7 +114,7 @@ class RIPTConfig(PPORuleConfig):
 
     @override(PPORuleConfig)
     def get_default_learner_class(self):
-        return RIPTLearner
+        return PPORuleLearner  # PPO's loss; the RLOO piece (advantage_estimator) fills ADVANTAGES
 
 
 def rollout_contexts(runner, contexts: list[int], rollouts_per_context: int) -> tuple[list[list], Any]:
@@ -188,19 +189,6 @@ class RIPT(PPORule):
                 policies=set(learner_results[0].keys()) - {ALL_MODULES},
                 inference_only=True,
             )
-
-
-class RIPTLearner(PPORuleLearner):
-    """PPO's clipped loss (P147) on leave-one-out advantages: the RLOO piece replaces the GAE piece."""
-
-    @override(PPORuleLearner)
-    def build(self) -> None:
-        super().build()
-        if self._learner_connector is not None and self.config.add_default_connectors_to_learner_pipeline:
-            for piece in list(self._learner_connector.connectors):
-                if type(piece).__name__ in ("GAEConnector", "GeneralAdvantageEstimation"):
-                    self._learner_connector.remove(type(piece))
-            self._learner_connector.append(RLOOConnector(standardize_advantages=self.config.standardize_advantages))
 
 
 RIPT_OPTIONS = tuple(o for o in PPO_OPTIONS if o.name not in (
