@@ -13,6 +13,20 @@ from algorithms.options import Option
 
 
 @dataclass(frozen=True)
+class PriorRun:
+    """An earlier run a rule's learning check starts from (e.g. P272's prior value estimate).
+
+    `rlfleet verify` trains `rule` on `env` for `steps` env steps first and passes its run directory to the
+    checked rule as the option `option`; those steps are not counted in the check's budget.
+    """
+
+    rule: str
+    env: str
+    steps: int
+    option: str = "prior_checkpoint"
+
+
+@dataclass(frozen=True)
 class LearningCheck:
     """The smallest honest task that shows a rule learns: mean return >= threshold within `steps` env steps."""
 
@@ -21,6 +35,7 @@ class LearningCheck:
     threshold: float
     source: str  # where the threshold comes from (paper claim or well-known baseline)
     overrides: dict[str, Any] = field(default_factory=dict)
+    prior: PriorRun | None = None  # a run to train first, whose run directory the check's rule is given
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,21 @@ def rules_for_family(family: str | None) -> list[Rule]:
     return selected
 
 
+def check_overrides(rule: Rule, seed: int, runs_dir: Path, progress: bool = False) -> tuple[dict[str, str], Any]:
+    """The options a learning check runs with; when the check starts from a prior run, that run is trained first
+    (same seed, its own budget) and its run directory becomes the rule's option. Returns (options, prior result)."""
+    from cluster.train import train
+
+    check = rule.learning_check
+    overrides = {k: str(v) for k, v in check.overrides.items()}
+    if check.prior is None:
+        return overrides, None
+    prior = train(check.prior.rule, check.prior.env, stop_steps=check.prior.steps, seed=seed,
+                  runs_dir=Path(runs_dir) / "priors", progress=progress)
+    overrides[check.prior.option] = str(prior.run_dir)
+    return overrides, prior
+
+
 def run_check(rule: Rule, seeds: int, runs_dir: Path, progress: bool = False) -> dict[str, Any]:
     """Train `rule` on its learning check once per seed; it passes when every seed reaches the threshold."""
     from cluster.train import train
@@ -40,13 +55,17 @@ def run_check(rule: Rule, seeds: int, runs_dir: Path, progress: bool = False) ->
     check = rule.learning_check
     per_seed = []
     for seed in range(seeds):
+        prior_start = time.perf_counter()
+        overrides, prior = check_overrides(rule, seed, runs_dir, progress)
         start = time.perf_counter()
         result = train(rule.name, check.env, stop_return=check.threshold, stop_steps=check.steps, seed=seed,
-                       runs_dir=runs_dir, progress=progress,
-                       overrides={k: str(v) for k, v in check.overrides.items()})
-        per_seed.append({"seed": seed, "reached": result.reached_return, "return": result.episode_return_mean,
-                         "env_steps": result.env_steps, "wall_s": time.perf_counter() - start,
-                         "run_dir": str(result.run_dir)})
+                       runs_dir=runs_dir, progress=progress, overrides=overrides)
+        row = {"seed": seed, "reached": result.reached_return, "return": result.episode_return_mean,
+               "env_steps": result.env_steps, "wall_s": time.perf_counter() - start, "run_dir": str(result.run_dir)}
+        if prior is not None:
+            row |= {"prior_run_dir": str(prior.run_dir), "prior_env_steps": prior.env_steps,
+                    "prior_wall_s": start - prior_start}
+        per_seed.append(row)
     returns = [s["return"] for s in per_seed]
     return {
         "rule": rule.name, "papers": list(rule.paper_ids), "env": check.env, "budget": check.steps,

@@ -24,11 +24,25 @@ def smoke_options(rule) -> dict[str, str]:
     return options | {k: str(v) for k, v in rule.smoke_overrides.items()}
 
 
+def smoke_prior(rule, runs_dir) -> dict[str, str]:
+    """A rule whose check starts from an earlier run (LearningCheck.prior) gets one cheap iteration of that run."""
+    prior = rule.learning_check.prior
+    if prior is None:
+        return {}
+    from cluster.train import train
+
+    prior_rule = get_rule(prior.rule)
+    result = train(prior.rule, prior.env, stop_steps=1, seed=0, runs_dir=runs_dir, progress=False,
+                   overrides=smoke_options(prior_rule))
+    return {prior.option: str(result.run_dir)}
+
+
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_rule_trains_checkpoints_and_restores(name, ray_session, tmp_path):
     rule = get_rule(name)
     env_id = rule.learning_check.env
-    config, _ = build_config(rule, env_id, 0, smoke_options(rule))
+    options = smoke_options(rule) | smoke_prior(rule, tmp_path / "prior")
+    config, _ = build_config(rule, env_id, 0, options)
     algo = config.build_algo()
     try:
         before = {k: v.clone() for k, v in algo.get_module().state_dict().items()}
@@ -42,7 +56,7 @@ def test_rule_trains_checkpoints_and_restores(name, ray_session, tmp_path):
     finally:
         algo.stop()
 
-    fresh, _ = build_config(rule, env_id, 1, smoke_options(rule))
+    fresh, _ = build_config(rule, env_id, 1, options)
     restored = fresh.build_algo()
     try:
         restored.restore_from_path(str(tmp_path / "ckpt"))
