@@ -127,7 +127,8 @@ def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verif
     The table goes to <out_dir>/<family>.md (<out_dir>/<rule>.md for a single rule, so a one-rule run never
     overwrites the family's table), its rows to <name>.json beside it, both rewritten after every rule so a long
     run that is stopped keeps what it measured. With `resume`, rules that already have a row measured with the
-    same number of seeds are not run again (their row keeps its date and commit)."""
+    same number of seeds, in this table's JSON or in the rule's own (`--algo`) JSON, are not run again (their row
+    keeps its date and commit)."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if only is not None:
@@ -141,7 +142,11 @@ def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verif
     out.mkdir(parents=True, exist_ok=True)
     name = only or family or "all"
     path, rows_path = out / f"{name}.md", out / f"{name}.json"
-    earlier = load_rows(rows_path) if resume else {}
+    earlier: dict[str, dict[str, Any]] = {}
+    if resume:  # rows of single-rule runs (<rule>.json), then of earlier runs of this same table, which win
+        for rule in rules:
+            earlier |= load_rows(out / f"{rule.name}.json")
+        earlier |= load_rows(rows_path)
     rows: list[dict[str, Any]] = []
     for rule in rules:
         row = earlier.get(rule.name)

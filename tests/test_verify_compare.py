@@ -44,6 +44,12 @@ def test_verify_reports_pass_and_fail(ray_session, tmp_path, monkeypatch):
     assert again[0] == kept[0]  # not re-run: same wall time, date and commit
     assert again[1]["per_seed"][0]["run_dir"].startswith(str(tmp_path / "runs2"))
 
+    # A row measured by a single-rule run (`verify --algo`, <rule>.json) is taken too.
+    (tmp_path / "docs" / "ppo-hard.json").write_text(json.dumps([again[1]]))
+    sidecar.write_text(json.dumps([again[0]]))
+    third, _ = verify("test-family", seeds=1, out_dir=tmp_path / "docs", runs_dir=tmp_path / "runs3", resume=True)
+    assert third == again
+
 
 def test_compare_two_rules_two_seeds(ray_session, tmp_path):
     summary = compare(["ppo", "trpo"], "CartPole-v1", steps=512, seeds=2, out_dir=tmp_path,
