@@ -20,6 +20,7 @@ from algorithms.options import set_option
 from algorithms.registry import Rule, build_config, get_rule
 from cluster.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE, list_checkpoints, read_run_config
 from cluster.local import ensure_ray
+from cluster.metrics import TrainingMetrics
 from envs import ensure_env
 from rlfleet.errors import UserError
 
@@ -227,6 +228,7 @@ def _train_loop(algo, rule: Rule, env_id: str, run_dir: Path, history: list[dict
                desc=f"{rule.name} {env_id}")
     start = time.perf_counter()
     last_checkpoint: Path | None = None
+    exporter = TrainingMetrics(run_dir, rule.name, env_id, algo=algo, loss_keys=LOSS_KEYS)  # Prometheus via Ray
     interrupted = False
     reached = False
     try:
@@ -246,6 +248,7 @@ def _train_loop(algo, rule: Rule, env_id: str, run_dir: Path, history: list[dict
                     mean_return = smoothed
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                exporter.export(result, record)
                 bar.set_postfix(ret=f"{mean_return:.1f}", sps=f"{record['steps_per_s'] or 0:.0f}")
                 reached = stop_return is not None and not math.isnan(mean_return) and mean_return >= stop_return
                 if reached or (stop_steps is not None and env_steps >= stop_steps):
@@ -257,6 +260,7 @@ def _train_loop(algo, rule: Rule, env_id: str, run_dir: Path, history: list[dict
         bar.write("interrupted: saving a final checkpoint (Ctrl-C again to abort)")
     finally:
         bar.close()
+        exporter.close()
     final = run_dir / CHECKPOINTS_DIR / f"iter_{iteration:06d}"
     if last_checkpoint != final:
         final = save_checkpoint(algo, run_dir, iteration)

@@ -1,9 +1,12 @@
 """Export a replay table's counters as gauges named ``rlfleet_replay_<what>_<unit>``.
 
-Inside a Ray actor (an EnvRunner or a learner) the gauges are `ray.util.metrics.Gauge`s, which Ray's
-metrics agent serves to Prometheus; in a process Ray does not manage they are `prometheus_client`
-gauges (in the default registry unless one is given; serve it with
-`prometheus_client.start_http_server(port)`). Each gauge carries the labels ``namespace`` and ``table``.
+In any process connected to Ray (an EnvRunner or learner actor, or a training driver) the gauges are
+`ray.util.metrics.Gauge`s, which Ray's metrics agent serves to Prometheus under Ray's prefix
+(``ray_rlfleet_replay_size_items``), like every other rlfleet training metric; cluster/metrics.py
+exports an off-policy run's table this way once per iteration. In a process Ray does not manage (or
+when a registry is given) they are `prometheus_client` gauges (in the default registry unless one is
+given; serve it with `prometheus_client.start_http_server(port)`, which deploy/prometheus/prometheus.yml
+scrapes as the ``rlfleet-http`` job). Each gauge carries the labels ``namespace`` and ``table``.
 
 The counters are the table's shared ones (kept in Redis, summed over every writer and learner), so
 any one process exporting them reports the whole table. Rates are computed between two `export()`
@@ -38,11 +41,18 @@ LABELS = ("namespace", "table")
 Backend = Literal["auto", "ray", "prometheus"]
 
 
-def in_ray_actor() -> bool:
-    """True inside a Ray actor. Ray is not imported for this: a process that never imported it is not one."""
+def ray_connected() -> bool:
+    """True in a process connected to Ray (driver or worker). Ray is not imported for this check."""
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    return ray is not None and ray.is_initialized()
+
+
+def in_ray_actor() -> bool:
+    """True inside a Ray actor."""
+    if not ray_connected():
         return False
+    import ray
+
     return ray.get_runtime_context().get_actor_id() is not None
 
 
@@ -87,7 +97,8 @@ class ReplayMetrics:
     def __init__(self, table: Table, backend: Backend = "auto", registry: Any = None) -> None:
         if backend not in ("auto", "ray", "prometheus"):
             raise ValueError(f"backend must be 'auto', 'ray' or 'prometheus', not {backend!r}")
-        use_ray = backend == "ray" or (backend == "auto" and in_ray_actor())
+        # A given registry means the caller serves it; otherwise Ray's agent carries the gauges when it can.
+        use_ray = backend == "ray" or (backend == "auto" and registry is None and ray_connected())
         self.backend: str = "ray" if use_ray else "prometheus"
         self.table = table
         self._gauges: _Gauges = _RayGauges() if use_ray else _PromGauges(registry)
