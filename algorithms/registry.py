@@ -18,7 +18,7 @@ from rlfleet.errors import UserError
 
 __all__ = ["RULES", "PAPERS_WITHOUT_RULE", "LearningCheck", "Rule", "get_rule", "build_config", "rule_defaults"]
 
-FAMILY_PACKAGES = ("algorithms.onpolicy", "algorithms.offpolicy")
+FAMILY_PACKAGES = ("algorithms.onpolicy", "algorithms.offpolicy", "algorithms.preference")
 
 
 def _discover() -> tuple[dict[str, Rule], dict[str, PaperWithoutRule]]:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import ray
+
+# Ray's raylet gets 30 s to start by default; on a busy 2-core machine it has taken longer (the test would then
+# fail on start-up, not on what it tests). This only bounds a hang, it is no speed requirement.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
 
 
 @pytest.fixture(scope="session")
