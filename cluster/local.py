@@ -28,6 +28,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     quiet_ray_logs()
     address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        # Ray's job tools take the dashboard's http address in the same variable; ray.init cannot join it.
+        from rlfleet.errors import UserError
+
+        raise UserError(f"RAY_ADDRESS={address} is a job-server address: use `rlfleet submit` to train on that "
+                        "cluster, or unset RAY_ADDRESS to train here")
     if address:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     else:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +171,10 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train until the mean return reaches `stop_return` or `stop_steps` env steps; Ctrl-C stops cleanly."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # An ignored SIGINT inherited from a parent (a shell's `cmd &`, a Ray job) would make Ctrl-C and
+        # `rlfleet stop` kill the run without its final checkpoint.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     check_stop_values(stop_return, stop_steps, checkpoint_every)
     if resume is not None:
         run_dir = Path(resume).resolve()

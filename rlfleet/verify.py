@@ -131,8 +131,8 @@ def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verif
     The table goes to <out_dir>/<family>.md (<out_dir>/<rule>.md for a single rule, so a one-rule run never
     overwrites the family's table), its rows to <name>.json beside it, both rewritten after every rule so a long
     run that is stopped keeps what it measured. With `resume`, rules that already have a row measured with the
-    same number of seeds, in this table's JSON or in the rule's own (`--algo`) JSON, are not run again (their row
-    keeps its date and commit)."""
+    same seeds, env, budget and threshold, in this table's JSON or in the rule's own (`--algo`) JSON, are not run
+    again (their row keeps its date and commit)."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if only is not None:
@@ -154,7 +154,10 @@ def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verif
     rows: list[dict[str, Any]] = []
     for rule in rules:
         row = earlier.get(rule.name)
-        if row is None or row.get("seeds") != seeds:
+        check = rule.learning_check
+        same_check = row is not None and (row.get("seeds"), row.get("env"), row.get("budget"), row.get("threshold")) \
+            == (seeds, check.env, check.steps, check.threshold)
+        if not same_check:
             row = {**run_check(rule, seeds, runs, progress), **_measured_at()}
         rows.append(row)
         rows_path.write_text(json.dumps(rows, indent=1) + "\n")

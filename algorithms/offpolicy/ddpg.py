@@ -52,9 +52,11 @@ RULE = Rule(
     config_class=DDPGConfig,
     options=DETERMINISTIC_AC_OPTIONS,
     learning_check=LearningCheck(
-        env="Pendulum-v1", steps=20_000, threshold=-250.0,
+        env="Pendulum-v1", steps=40_000, threshold=-250.0,
         source="RL-Baselines3-Zoo DDPG Pendulum-v1 (n_timesteps 2e4, benchmark mean about -150); P171 reports "
-               "Pendulum solved from low-dimensional state",
+               "Pendulum solved from low-dimensional state"
+               "; budget 40k = the zoo's 20k to learn + 20k for the window of the score (the mean of the "
+               "last 100 training episodes, 200 steps each on Pendulum)",
     ),
     smoke_overrides={"learning_starts": 64, "random_warmup_steps": 32, "rollout_fragment_length": 128,
                      "samples_per_insert": 2.0, "train_batch_size": 64},

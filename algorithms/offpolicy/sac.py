@@ -135,9 +135,11 @@ RULE = Rule(
         Option("initial_alpha", "initial temperature alpha", positive, "> 0"),
     ),
     learning_check=LearningCheck(
-        env="Pendulum-v1", steps=20_000, threshold=-250.0,
+        env="Pendulum-v1", steps=40_000, threshold=-250.0,
         source="RL-Baselines3-Zoo SAC Pendulum-v1 (n_timesteps 2e4, benchmark mean about -150) and CleanRL's "
-               "sac_continuous_action Pendulum runs (about -150 to -200 by 20k steps)",
+               "sac_continuous_action Pendulum runs (about -150 to -200 by 20k steps)"
+               "; budget 40k = the zoo's 20k to learn + 20k for the window of the score (the mean of the "
+               "last 100 training episodes, 200 steps each on Pendulum)",
     ),
     smoke_overrides={"learning_starts": 64, "rollout_fragment_length": 128, "samples_per_insert": 2.0,
                      "train_batch_size": 64},

@@ -26,7 +26,7 @@ from algorithms.common.losses import clipped_surrogate, masked_mean, value_loss
 from algorithms.common.optimizers import GRADIENT_RULE_OPTIONS, GradientRuleConfigMixin, GradientRuleMixin
 from algorithms.onpolicy.base import OnPolicyAlgorithm, OnPolicyConfig, OnPolicyLearner
 from algorithms.onpolicy.gae import OLD_VALUES
-from algorithms.options import ONPOLICY_OPTIONS, Option, positive
+from algorithms.options import ONPOLICY_OPTIONS, Option, non_negative, positive
 from algorithms.rule import LearningCheck, Rule
 
 
@@ -147,6 +147,9 @@ PPO_OPTIONS = ONPOLICY_OPTIONS + (
     Option("use_kl_loss", "add the adaptive KL penalty (P147 section 4)"),
     Option("kl_coeff", "initial KL-penalty coefficient beta", lambda x: x >= 0, ">= 0"),
     Option("kl_target", "KL target d_targ for the adaptive penalty", positive, "> 0"),
+    # First-order minibatch updates average over learners, so PPO's learner scales out (rlfleet submit).
+    Option("num_learners", "learner actors (0 = learn in the driver process)", non_negative, ">= 0"),
+    Option("num_gpus_per_learner", "GPUs per learner actor (fractions share a GPU)", non_negative, ">= 0"),
 ) + GRADIENT_RULE_OPTIONS
 
 # What a rule drops from PPO_OPTIONS when it registers its own optimizers (the Polyak step replaces them).
