@@ -47,16 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=int, default=10)
     evaluate.add_argument("--seed", type=int, default=0)
 
-    serve = sub.add_parser("serve", help="serve a policy and its value function over HTTP")
+    serve = sub.add_parser("serve", help="serve policies over HTTP, or roll a checkpoint into a running server")
     serve.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     serve.add_argument("--name", help="policy name in URLs (default: the run's rule-env)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--version", help="version label (default: the next number); it becomes the latest")
+    serve.add_argument("--policy", dest="more", action="append", default=[], metavar="NAME=PATH",
+                       help="serve another policy too (repeatable)")
+    serve.add_argument("--host", help="listen address of a new server (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port of a new server (default 8000)")
+    serve.add_argument("--keep-versions", type=int, default=3, help="versions kept per name (default 3)")
+    serve.add_argument("--max-batch-size", type=int, help="requests batched per forward pass (default 64)")
+    serve.add_argument("--batch-wait-ms", type=float, help="wait for a batch to fill (default 0)")
+    serve.add_argument("--max-ongoing-requests", type=int, help="per replica (default 256)")
+    serve.add_argument("--replicas", type=int, help="replicas of the server (default 1)")
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks against a peer library")
-    bench.add_argument("which", choices=["ppo-throughput", "replay"])
-    bench.add_argument("--steps", type=int, default=20480, help="ppo-throughput: env steps per library")
+    bench.add_argument("which", choices=["ppo-throughput", "replay", "sac", "serve", "preference"])
+    bench.add_argument("--checkpoint", help="serve: run dir or checkpoint to serve (default: a fresh PPO CartPole)")
+    bench.add_argument("--seconds", type=float, default=3.0, help="serve: measured seconds per level and round")
+    bench.add_argument("--rounds", type=int, default=3, help="serve: rounds of bare/Serve pairs per level")
+    bench.add_argument("--sweep", action="store_true", help="serve: also measure the other Serve settings")
+    bench.add_argument("--steps", type=int, default=20480, help="ppo-throughput, sac: env steps per library")
     bench.add_argument("--transitions", type=int, default=50_000, help="replay: transitions inserted and sampled")
+    bench.add_argument("--pairs", type=int, default=20_000, help="preference: pairs pushed through the queue")
+    bench.add_argument("--learner-pairs-per-s", type=float, default=None,
+                       help="preference: the learner's demand, for the queue capacity / demand ratio")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", dest="json_path", help="also write the result to this JSON file")
 
@@ -68,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seeds", type=int, default=1)
     verify.add_argument("--out-dir", default="docs/verification")
     verify.add_argument("--resume", action="store_true",
-                        help="keep rows already measured (same --seeds) in <out-dir>/<family>.json; run the rest")
+                        help="keep rows already measured with the same --seeds (<out-dir>/<family>.json or "
+                             "<rule>.json); run the rest")
 
     comp = sub.add_parser("compare", help="train several rules on one task, same seeds; one picture + a table")
     comp.add_argument("--algos", required=True, help="comma-separated rule names, e.g. ppo,trpo")
@@ -84,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--stop-return", type=float, default=450.0)
     quick.add_argument("--stop-steps", type=int, default=300_000)
     quick.add_argument("--port", type=int, default=8000)
+    add_job_parsers(sub)
     return parser
 
 
@@ -165,13 +182,35 @@ def default_policy_name(path: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from services.serving import serve_policies, shutdown_serving
+    import ray
 
-    if not 0 < args.port < 65536:
+    from services.serving import ServeTuning, deploy_policies, leave_serving, shutdown_serving
+
+    if args.port is not None and not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
-    name = args.name or default_policy_name(args.path)
-    url = serve_policies({name: args.path}, host=args.host, port=args.port)
-    print(f"serving {name!r} at {url}/v1/policies/{name}/act and /value (Ctrl-C to stop)", flush=True)
+    policies = {args.name or default_policy_name(args.path): args.path}
+    for item in args.more:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--policy takes NAME=PATH, got {item!r}")
+        policies[name] = path
+    given = {"max_batch_size": args.max_batch_size, "max_ongoing_requests": args.max_ongoing_requests,
+             "num_replicas": args.replicas,
+             "batch_wait_timeout_s": None if args.batch_wait_ms is None else args.batch_wait_ms / 1000}
+    given = {k: v for k, v in given.items() if v is not None}
+    # No tuning flag: a new server gets the defaults, a rollout keeps the running server's settings.
+    tuning = ServeTuning(**given) if given else None
+    first = next(iter(policies))
+    done = deploy_policies(policies, host=args.host, port=args.port, tuning=tuning, keep_versions=args.keep_versions,
+                           versions={first: args.version} if args.version else None)
+    what = ", ".join(f"{name!r} version {version}" for name, version in done.versions.items())
+    if not done.started:  # a server already runs in this Ray cluster: the new versions are rolled in
+        print(f"rolled {what} into the server at {done.url}; it answers {done.url}/v1/policies/{first}/act")
+        leave_serving()
+        return 0
+    print(f"serving {what} at {done.url}/v1/policies/{first}/act and /value (Ctrl-C to stop)")
+    print(f"roll a new checkpoint in: RAY_ADDRESS={ray.get_runtime_context().gcs_address} "
+          f"rlfleet serve RUN_DIR_OR_CHECKPOINT --name {first}", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -185,7 +224,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be positive, got {args.steps}")
     if args.transitions < 256:
         raise UserError(f"--transitions must be >= 256 (one sample batch), got {args.transitions}")
-    if args.which == "replay":
+    if args.which == "serve":
+        from rlfleet.bench_serve import format_table, run_serve_bench
+
+        result = run_serve_bench(checkpoint=args.checkpoint, seconds=args.seconds, rounds=args.rounds,
+                                 sweep=args.sweep)
+    elif args.which == "preference":
+        from services.preferences.bench import format_table, run_preference_queue_bench
+
+        result = run_preference_queue_bench(n=args.pairs, learner_pairs_per_s=args.learner_pairs_per_s)
+    elif args.which == "sac":
+        from rlfleet.bench_sac import format_table, run_sac_bench
+
+        result = run_sac_bench(steps=args.steps, seed=args.seed)
+    elif args.which == "replay":
         from services.replay.bench import format_table, run_replay_bench
 
         result = run_replay_bench(n=args.transitions, seed=args.seed)
@@ -229,8 +281,103 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_job_parsers(sub: argparse._SubParsersAction) -> None:
+    """`submit`, `jobs`, `logs`, `stop`: training runs as Ray Jobs on a cluster (rlfleet/jobs.py)."""
+    address_help = "the head node's job server, e.g. http://HEAD:8265 (default: RAY_ADDRESS)"
+    submit = sub.add_parser("submit", help="submit a training run to a Ray cluster as a Ray Job")
+    submit.add_argument("--algo", required=True, help="rule name (see `rlfleet algos`)")
+    submit.add_argument("--env", dest="env_id", required=True, help="gymnasium env id, e.g. CartPole-v1")
+    submit.add_argument("--steps", type=int, help="stop after this many env steps")
+    submit.add_argument("--stop-return", type=float, help="stop when the mean episode return reaches this")
+    submit.add_argument("--seed", type=int, default=0)
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a rule option (repeatable); `rlfleet algos` lists them")
+    submit.add_argument("--checkpoint-every", type=int, default=10, metavar="K")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--working-dir", help="project directory uploaded with the job (default: this project)")
+    submit.add_argument("--runs-dir", default=None,
+                        help="run directories, a path on the head node (default: ~/rlfleet/runs)")
+    submit.add_argument("--num-env-runners", type=int, help="EnvRunner actors (sets the rule option)")
+    submit.add_argument("--num-learners", type=int, help="learner actors (0 = learn in the driver)")
+    submit.add_argument("--gpus-per-learner", type=float, help="GPUs per learner")
+    submit.add_argument("--follow", action="store_true", help="then stream the job's output until it ends")
+    jobs = sub.add_parser("jobs", help="list the cluster's jobs: id, status, what, start and end")
+    jobs.add_argument("--address", help=address_help)
+    jobs.add_argument("--json", action="store_true")
+    logs = sub.add_parser("logs", help="print a job's output; --follow streams it until the job ends")
+    logs.add_argument("job_id", metavar="JOB")
+    logs.add_argument("--follow", "-f", action="store_true")
+    logs.add_argument("--address", help=address_help)
+    stop = sub.add_parser("stop", help="stop a job (the run saves a final checkpoint first)")
+    stop.add_argument("job_id", metavar="JOB")
+    stop.add_argument("--address", help=address_help)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from algorithms.options import parse_overrides
+    from rlfleet import jobs
+
+    overrides = jobs.with_resources(parse_overrides(args.overrides), args.num_env_runners, args.num_learners,
+                                    args.gpus_per_learner)
+    request = jobs.TrainingRequest(
+        algo=args.algo, env_id=args.env_id, seed=args.seed, stop_steps=args.steps, stop_return=args.stop_return,
+        overrides=tuple(overrides.items()), checkpoint_every=args.checkpoint_every,
+        runs_dir=args.runs_dir or jobs.DEFAULT_RUNS_DIR,
+    )
+    jobs.check_request(request)
+    cluster = jobs.connect(args.address)
+    working_dir = Path(args.working_dir) if args.working_dir else jobs.default_working_dir()
+    job_id, large = jobs.submit(cluster, request, working_dir)
+    if large:
+        print(f"left out of the upload (over {jobs.LARGE_FILE_BYTES >> 20} MiB): {', '.join(map(str, large))}")
+    where = f" --address {cluster.url}"
+    print(f"submitted {job_id} to {cluster.url}")
+    print(f"follow it:  rlfleet logs {job_id} --follow{where}")
+    print(f"stop it:    rlfleet stop {job_id}{where}")
+    print(f"run dir:    under {request.runs_dir} on the head node (the job's output ends with its path)", flush=True)
+    return cmd_logs(argparse.Namespace(job_id=job_id, follow=True, address=cluster.url)) if args.follow else 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rlfleet import jobs
+
+    rows = jobs.list_jobs(jobs.connect(args.address))
+    print(json.dumps(rows, indent=1) if args.json else jobs.format_jobs(rows))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from rlfleet import jobs
+
+    cluster = jobs.connect(args.address)
+    if not args.follow:
+        jobs.print_logs(cluster, args.job_id)
+        return 0
+    try:
+        status, message = jobs.follow_logs(cluster, args.job_id)
+    except KeyboardInterrupt:
+        print(f"rlfleet: stopped following; {args.job_id} goes on (`rlfleet stop {args.job_id}` ends it)",
+              file=sys.stderr)
+        return 130
+    print(f"job {args.job_id}: {status}" + (f" ({message})" if message and status != "SUCCEEDED" else ""),
+          file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from rlfleet import jobs
+
+    stopped, status = jobs.stop_job(jobs.connect(args.address), args.job_id)
+    if stopped:
+        print(f"stopping {args.job_id}: the run saves a final checkpoint, then the job ends as STOPPED")
+    else:
+        print(f"{args.job_id} already ended ({status}): nothing to stop")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "algos": cmd_algos, "eval": cmd_eval, "serve": cmd_serve, "bench": cmd_bench,
             "quickstart": cmd_quickstart, "verify": cmd_verify, "compare": cmd_compare}
+COMMANDS.update(submit=cmd_submit, jobs=cmd_jobs, logs=cmd_logs, stop=cmd_stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

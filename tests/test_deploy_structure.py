@@ -296,4 +296,6 @@ def test_rayservice_serves_the_policy_server() -> None:
     for entry in table["policies"]:
         assert entry["latest"] in {v["version"] for v in entry["versions"]}
         assert all(v["checkpoint"].startswith("/mnt/rlfleet/runs/") for v in entry["versions"])
+    module.ServeTuning(**table["tuning"]).check()  # the keys reconfigure() reads, with valid values
+    assert set(table) <= {"policies", "api_key_sha256", "tuning"}
     assert config["http_options"]["port"] == 8000

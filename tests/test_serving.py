@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from rlfleet.errors import UserError
 from services.policy import LoadedPolicy
-from services.serving import _Job, run_batch, serve_policies, shutdown_serving
+from services.serving import PolicyTable, _Job, merge_policy, run_batch, serve_policies, shutdown_serving
 
 OBS = [[0.0, 0.1, 0.02, -0.3], [0.5, -1.0, 0.1, 0.7]]
 
@@ -78,6 +80,8 @@ def test_list_policies(server: httpx.Client, local: LoadedPolicy) -> None:
     listed = {p["name"]: p for p in server.get("/v1/policies").json()["policies"]}
     assert listed["cartpole"] == {
         "name": "cartpole",
+        "version": "1",
+        "latest": True,
         "env_id": "CartPole-v1",
         "observation_shape": [4],
         "action_space": {"type": "Discrete", "n": 2},
@@ -91,9 +95,12 @@ def test_act_matches_local_policy(server: httpx.Client, local: LoadedPolicy) -> 
     expected = local.act(local.validate_observations(OBS), deterministic=True)
     for _ in range(3):  # deterministic is deterministic over HTTP too
         r = server.post("/v1/policies/cartpole/act", json={"observations": OBS, "deterministic": True})
-        assert r.status_code == 200 and r.json() == {"actions": expected}
+        assert r.status_code == 200 and r.json() == {"actions": expected, "version": "1"}
     r = server.post("/v1/policies/cartpole/act", json={"observations": OBS})  # deterministic by default
-    assert r.json() == {"actions": expected}
+    assert r.json() == {"actions": expected, "version": "1"}
+    for version in ("1", "latest"):  # the versioned route reaches the same policy
+        r = server.post(f"/v1/policies/cartpole/versions/{version}/act", json={"observations": OBS})
+        assert r.status_code == 200 and r.json() == {"actions": expected, "version": "1"}
     sampled = server.post("/v1/policies/cartpole/act", json={"observations": OBS, "deterministic": False}).json()
     assert len(sampled["actions"]) == 2 and all(a in (0, 1) for a in sampled["actions"])
 
@@ -141,14 +148,16 @@ def test_batch_concatenates_rows_into_one_forward_pass_per_mode(local: LoadedPol
 
     kinds = [("act", True), ("act", False), ("value", True)]
     obs = [local.validate_observations([[0.01 * i, 0, 0, 0]] * (i + 1)) for i in range(9)]
-    jobs = [_Job("cartpole", *kinds[i % 3], o) for i, o in enumerate(obs)]
-    results = run_batch({"cartpole": spy}, jobs)
+    jobs = [_Job(spy, "cartpole", "1", *kinds[i % 3], o) for i, o in enumerate(obs)]
+    forwards: list[int] = []
+    results = run_batch(jobs, lambda job, rows: forwards.append(rows))
 
     # One forward pass per (op, mode) group, carrying all of that group's rows.
     expected_calls = [
         (op, det, sum(len(j.obs) for j in jobs if (j.op, j.deterministic) == (op, det))) for op, det in kinds
     ]
     assert sorted(calls) == sorted(expected_calls)
+    assert sorted(forwards) == sorted(rows for _, _, rows in expected_calls)  # what the batch histogram sees
     for job, result in zip(jobs, results):
         assert len(result) == len(job.obs)
         if job.op == "value":
@@ -187,6 +196,11 @@ BAD_REQUESTS = [
     ("POST", ACT, {"json": {"observations": [[0, 0, 0, 0]] * 1025}}, 413, "at most 1024"),
     ("POST", "/v1/policies/cartpole/value", {"json": {"observations": OBS, "deterministic": 1}}, 422, "unknown field"),
     ("POST", "/v1/policies/nope/act", {"json": {"observations": OBS}}, 404, "known policies: ['cartpole', 'pendulum']"),
+    ("POST", "/v1/policies/cartpole/versions/7/act", {"json": {"observations": OBS}}, 404,
+     "no version '7'; versions: ['1']"),
+    ("POST", "/v1/policies/cartpole/versions/act", {"json": {"observations": OBS}}, 404, "no such route"),
+    ("POST", "/v1/policies/cartpole/v/1/act", {"json": {"observations": OBS}}, 404, "no such route"),
+    ("GET", "/v1/policies/cartpole/versions/1/value", {}, 405, "use POST"),
     ("GET", "/nope", {}, 404, "no such route"),
     ("POST", "/v1/policies/cartpole/predict", {"json": {"observations": OBS}}, 404, "no such route"),
     ("GET", ACT, {}, 405, "use POST"),
@@ -213,5 +227,84 @@ def test_server_still_serves_after_bad_requests(server: httpx.Client, local: Loa
         assert 400 <= server.request(method, path, **kwargs).status_code < 500
     r = server.post(ACT, json={"observations": OBS})
     assert r.status_code == 200
-    assert r.json() == {"actions": local.act(local.validate_observations(OBS), deterministic=True)}
+    assert r.json() == {"actions": local.act(local.validate_observations(OBS), deterministic=True), "version": "1"}
     assert server.get("/healthz").json() == {"status": "ok"}
+
+
+# ---- the policy table (what a rollout changes) --------------------------------------------------
+
+
+def test_merge_policy_numbers_versions_keeps_the_newest_and_ignores_a_repeat() -> None:
+    config, version = merge_policy({}, "cp", "/ck/a")
+    assert version == "1"
+    assert config["policies"] == [{"name": "cp", "versions": [{"version": "1", "checkpoint": "/ck/a"}], "latest": "1"}]
+    same, version = merge_policy(config, "cp", "/ck/a")  # the latest checkpoint again: nothing changes
+    assert version == "1" and same == config
+    for i, path in enumerate(["/ck/b", "/ck/c", "/ck/d"], start=2):
+        config, version = merge_policy(config, "cp", path, keep_versions=3)
+        assert version == str(i)
+    [entry] = config["policies"]
+    assert [v["version"] for v in entry["versions"]] == ["2", "3", "4"] and entry["latest"] == "4"
+    config, version = merge_policy(config, "cp", "/ck/b", version="stable")  # a named version is latest too
+    assert version == "stable" and config["policies"][0]["latest"] == "stable"
+    config, _ = merge_policy(config, "other", "/ck/x")
+    assert [p["name"] for p in config["policies"]] == ["cp", "other"]
+
+
+@pytest.mark.parametrize(("version", "message"), [("latest", "invalid version"), ("a/b", "invalid version"),
+                                                  ("2", "already has a version '2'")])
+def test_merge_policy_refuses_bad_or_taken_versions(version: str, message: str) -> None:
+    config, _ = merge_policy({}, "cp", "/ck/a")
+    config, _ = merge_policy(config, "cp", "/ck/b")
+    with pytest.raises(UserError, match=message):
+        merge_policy(config, "cp", "/ck/c", version=version)
+
+
+def test_policy_table_resolves_latest_and_named_versions(ppo_cartpole_checkpoint: Path, local: LoadedPolicy) -> None:
+    ckpt = str(local.checkpoint)
+    config, _ = merge_policy({}, "cp", ckpt)
+    config, _ = merge_policy(config, "cp", ckpt, version="pinned")
+    table = PolicyTable(config)
+    assert table.resolve("cp", None)[0] == "pinned" and table.resolve("cp", "latest")[0] == "pinned"
+    assert table.resolve("cp", "1")[0] == "1"
+    assert table.resolve("cp", "1")[1] is table.resolve("cp", "pinned")[1]  # one checkpoint is loaded once
+    assert [(e["version"], e["latest"]) for e in table.listing] == [("1", False), ("pinned", True)]
+
+
+# ---- metrics, through Ray's metrics agent as Prometheus scrapes them ------------------------------
+
+
+def _scrape_rlfleet_serve(port: int) -> dict[str, list[dict[str, str]]]:
+    """{metric name: [labels of each sample]} for the rlfleet_serve_* samples the node's agent exports."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text
+    samples: dict[str, list[dict[str, str]]] = {}
+    for line in text.splitlines():
+        if line.startswith("ray_rlfleet_serve_"):
+            name, _, rest = line.partition("{")
+            samples.setdefault(name, []).append(dict(re.findall(r'(\w+)="([^"]*)"', rest)))
+    return samples
+
+
+def test_metrics_are_exported_with_their_names_and_labels(server: httpx.Client) -> None:
+    import ray
+
+    for _ in range(3):
+        server.post("/v1/policies/cartpole/act", json={"observations": OBS})
+    server.post("/v1/policies/cartpole/act", content=b"{not json")
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {"ray_rlfleet_serve_requests_total", "ray_rlfleet_serve_request_latency_seconds_bucket",
+              "ray_rlfleet_serve_batch_size_observations_bucket"}
+    deadline = time.monotonic() + 300  # the agent exports every few seconds; this only stops a hang
+    samples = _scrape_rlfleet_serve(port)
+    while not wanted <= set(samples) and time.monotonic() < deadline:
+        time.sleep(2)
+        samples = _scrape_rlfleet_serve(port)
+    assert wanted <= set(samples), sorted(samples)
+    requests = samples["ray_rlfleet_serve_requests_total"]
+    ok = {"policy": "cartpole", "version": "1", "route": "act", "status": "200"}
+    assert any(ok.items() <= s.items() for s in requests), requests
+    assert any(s.get("status") == "400" and s.get("route") == "act" for s in requests)
+    latency = samples["ray_rlfleet_serve_request_latency_seconds_bucket"]
+    assert all({"policy", "version", "route"} <= set(s) for s in latency)
+    assert any(s.get("policy") == "cartpole" and s.get("version") == "1"
+               for s in samples["ray_rlfleet_serve_batch_size_observations_bucket"])

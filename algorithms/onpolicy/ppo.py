@@ -82,6 +82,7 @@ class PPORuleConfig(GradientRuleConfigMixin, OnPolicyConfig):
         self.vf_loss_coeff = 0.5
         self.entropy_coeff = 0.0
         self.grad_clip = 0.5
+        self.num_gpus_per_learner = 0.0  # a float, so `--set num_gpus_per_learner=0.5` (a shared GPU) parses
 
     @override(OnPolicyConfig)
     def get_default_learner_class(self):
