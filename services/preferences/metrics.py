@@ -109,7 +109,8 @@ class PreferenceMetrics:
     def __init__(self, queue: PreferenceQueue, backend: Backend = "auto", registry: Any = None) -> None:
         if backend not in ("auto", "ray", "prometheus"):
             raise ValueError(f"backend must be 'auto', 'ray' or 'prometheus', not {backend!r}")
-        use_ray = backend == "ray" or (backend == "auto" and ray_connected())
+        # A registry given means prometheus_client; otherwise a Ray-connected process exports through Ray.
+        use_ray = backend == "ray" or (backend == "auto" and registry is None and ray_connected())
         self.backend: str = "ray" if use_ray else "prometheus"
         self.queue = queue
         self._ray = _RayMetrics() if use_ray else None
