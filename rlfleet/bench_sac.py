@@ -72,9 +72,14 @@ def _train(config, steps: int) -> dict[str, Any]:
             result = algo.train()
             sampled = int(result[ENV_RUNNER_RESULTS][NUM_ENV_STEPS_SAMPLED_LIFETIME])
         elapsed = time.perf_counter() - start
+        table = getattr(algo, "replay_table", None)
+        if table is not None:  # rlfleet: the Redis table counts what the learner sampled
+            trained = table.info()["samples"]
+        else:  # RLlib: its learner's lifetime count of trained env steps
+            trained = result.get(LEARNER_RESULTS, {}).get(ALL_MODULES, {}).get(NUM_ENV_STEPS_TRAINED_LIFETIME,
+                                                                              math.nan)
     finally:
         algo.stop()
-    trained = result.get(LEARNER_RESULTS, {}).get(ALL_MODULES, {}).get(NUM_ENV_STEPS_TRAINED_LIFETIME, math.nan)
     return {"env_steps": sampled, "seconds": elapsed, "steps_per_s": sampled / elapsed,
             "mean_return": float(result[ENV_RUNNER_RESULTS].get("episode_return_mean", math.nan)),
             # transitions trained on per env step, after the learning starts: both must be ~ the replay ratio
