@@ -350,14 +350,7 @@ class OffPolicyAlgorithmMixin:
             columns[PRIORITY_WEIGHTS] = sample.weights.astype(np.float32)
             columns[REPLAY_INDEX] = np.arange(len(sample.keys), dtype=np.int64)
         batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(sample.keys))
-        lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            learner_results = self.learner_group.update(
-                batch=batch, minibatch_size=batch_size, num_epochs=1, shuffle_batch_per_epoch=False,
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime, NUM_AGENT_STEPS_SAMPLED_LIFETIME: lifetime},
-            )
-        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-        self.metrics.log_value("replay_sampled", num_minibatches * batch_size, reduce="sum")
+        self._update_learners(batch, batch_size, num_minibatches)
         if config.prioritized_replay:
             self._update_priorities(sample.keys)
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
@@ -383,6 +376,18 @@ class OffPolicyAlgorithmMixin:
         index, td_abs = np.concatenate(index), np.concatenate(td_abs)
         if len(index):
             self.replay_table.update_priorities(keys[index], td_abs + float(self.config.prioritized_replay_eps))
+
+    def _update_learners(self, batch: MultiAgentBatch, batch_size: int, num_minibatches: int) -> None:
+        """One gradient step per `batch_size` minibatch of the replayed `batch` (rules with their own replay
+        records, e.g. dqn_spr's sequences, call it too)."""
+        lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                batch=batch, minibatch_size=batch_size, num_epochs=1, shuffle_batch_per_epoch=False,
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime, NUM_AGENT_STEPS_SAMPLED_LIFETIME: lifetime},
+            )
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        self.metrics.log_value("replay_sampled", num_minibatches * batch_size, reduce="sum")
 
     def _samples_allowed(self) -> int:
         """How many transitions the rate limiter lets the learner sample now (0 below `learning_starts`)."""

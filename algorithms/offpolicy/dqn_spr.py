@@ -65,10 +65,6 @@ from ray.rllib.utils.from_config import NotProvided
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
     ENV_RUNNER_SAMPLING_TIMER,
-    LEARNER_RESULTS,
-    LEARNER_UPDATE_TIMER,
-    NUM_AGENT_STEPS_SAMPLED_LIFETIME,
-    NUM_ENV_STEPS_SAMPLED_LIFETIME,
     REPLAY_BUFFER_SAMPLE_TIMER,
     SYNCH_WORKER_WEIGHTS_TIMER,
     TIMERS,
@@ -364,14 +360,7 @@ class DQNSPR(OffPolicyAlgorithmMixin, Algorithm):
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
             data = self.replay_table.sample(num_minibatches * batch_size, timeout=config.replay_timeout_s).data
         batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(data)}, env_steps=len(data["reward"]))
-        lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            learner_results = self.learner_group.update(
-                batch=batch, minibatch_size=batch_size, num_epochs=1, shuffle_batch_per_epoch=False,
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime, NUM_AGENT_STEPS_SAMPLED_LIFETIME: lifetime},
-            )
-        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-        self.metrics.log_value("replay_sampled", num_minibatches * batch_size, reduce="sum")
+        self._update_learners(batch, batch_size, num_minibatches)
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, policies=[DEFAULT_MODULE_ID], inference_only=True,
