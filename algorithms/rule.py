@@ -49,6 +49,15 @@ class Rule:
     learning_check: LearningCheck
     # Options that make the smoke test (tests/test_rules_ray.py) one cheap iteration on the check's env.
     smoke_overrides: dict[str, Any] = field(default_factory=dict)
+    # Rules that do not train through `rlfleet train` on env steps (preference rules learning from a queue of
+    # labelled pairs, reward models, ...) name their learning-check runner, "package.module:function" taking
+    # (rule, seeds) and returning a verify row (see algorithms/preference/loop.py: run_learning_check).
+    check_runner: str | None = None
+
+    @property
+    def trains_on_env_steps(self) -> bool:
+        """True for rules `rlfleet train` runs (an RLlib Algorithm on an env); False for own-loop rules."""
+        return self.check_runner is None
 
     def option_names(self) -> list[str]:
         return [o.name for o in self.options]

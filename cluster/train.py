@@ -193,10 +193,10 @@ def train(
         if algo_name is None or env_id is None:
             raise UserError("train needs --algo and --env (or --resume RUN_DIR)")
         rule = get_rule(algo_name)
-        if rule.family == "preference":
-            raise UserError(f"{rule.name} learns from labelled pairs, not env steps: run its check with `rlfleet "
-                            f"verify --algo {rule.name}` (run directories and checkpoints for preference rules are "
-                            "not built yet)")
+        if not rule.trains_on_env_steps:
+            raise UserError(f"{rule.name} does not train on env steps: it has its own loop: run its check with "
+                            f"`rlfleet verify --algo {rule.name}` (run directories and checkpoints for these rules "
+                            "are not built yet)")
         ensure_env(env_id)
         config, options = build_config(rule, env_id, seed, overrides)
         run_dir = new_run_dir(Path(runs_dir), rule.name, env_id, seed)

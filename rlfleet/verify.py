@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import statistics
 import subprocess
@@ -50,10 +51,9 @@ def check_overrides(rule: Rule, seed: int, runs_dir: Path, progress: bool = Fals
 
 def run_check(rule: Rule, seeds: int, runs_dir: Path, progress: bool = False) -> dict[str, Any]:
     """Train `rule` on its learning check once per seed; it passes when every seed reaches the threshold."""
-    if rule.family == "preference":  # no env steps: labelled pairs through the preference queue, then a win rate
-        from algorithms.preference.loop import run_learning_check
-
-        return run_learning_check(rule, seeds)
+    if not rule.trains_on_env_steps:  # its own loop (e.g. labelled pairs through the preference queue)
+        module_name, _, function_name = rule.check_runner.partition(":")
+        return getattr(importlib.import_module(module_name), function_name)(rule, seeds)
     from cluster.train import train
 
     check = rule.learning_check

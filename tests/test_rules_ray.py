@@ -37,8 +37,9 @@ def smoke_prior(rule, runs_dir) -> dict[str, str]:
     return {prior.option: str(result.run_dir)}
 
 
-# Preference rules have no env and no Algorithm: their Ray + Redis-queue smoke runs are tests/test_preference_loop.py.
-ENV_RULES = sorted(name for name, rule in RULES.items() if rule.family != "preference")
+# Rules with their own loop (check_runner: preference pairs, reward models) have their own Ray smoke tests
+# (e.g. tests/test_preference_loop.py for the pairwise rules through the Redis queue).
+ENV_RULES = sorted(name for name, rule in RULES.items() if rule.trains_on_env_steps)
 
 
 @pytest.mark.parametrize("name", ENV_RULES)

@@ -31,6 +31,7 @@ from algorithms.rule import Rule
 from envs.text_tasks import PAD_ID, VOCAB, ReverseDigits
 from services.preferences import LabelledPair
 
+PAIR_SOURCES = ("policy", "reference")
 VALID = "valid"  # False for ties: they carry no preference and are left out of the loss (but still acked)
 
 # The tiny test policy: a 2-layer GPT-2 over the task's character vocabulary, no dropout (the policy's
@@ -64,15 +65,19 @@ class PreferenceConfig(AlgorithmConfig):
         self.sft_steps = 300
         self.sft_noise = 0.3  # per-character corruption of the demonstrations
         self.min_idle_s = 60.0  # a learner's pending pairs idle this long go to another learner
+        # Who generates the pairs: "policy" (online: the producer gets the learner's weights after every update)
+        # or "reference" (offline: the producer keeps the SFT policy, so the data is a fixed off-policy dataset).
+        self.pair_source = "policy"
 
     def training(self, *, beta: float | None = None, lm: dict | None = None, text_task: str | None = None,
                  pairs_per_step: int | None = None, temperature: float | None = None,
                  judge_beta: float | None = None, sft_steps: int | None = None, sft_noise: float | None = None,
-                 min_idle_s: float | None = None, **kwargs: Any) -> PreferenceConfig:
+                 min_idle_s: float | None = None, pair_source: str | None = None,
+                 **kwargs: Any) -> PreferenceConfig:
         super().training(**kwargs)
         for name, value in dict(beta=beta, lm=lm, text_task=text_task, pairs_per_step=pairs_per_step,
                                 temperature=temperature, judge_beta=judge_beta, sft_steps=sft_steps,
-                                sft_noise=sft_noise, min_idle_s=min_idle_s).items():
+                                sft_noise=sft_noise, min_idle_s=min_idle_s, pair_source=pair_source).items():
             if value is not None:
                 setattr(self, name, value)
         return self
@@ -113,6 +118,8 @@ class PreferenceConfig(AlgorithmConfig):
             self._value_error(f"sft_noise must be in [0, 1], got {self.sft_noise}")
         if not (isinstance(self.sft_steps, int) and self.sft_steps >= 0):
             self._value_error(f"sft_steps must be an integer >= 0, got {self.sft_steps}")
+        if self.pair_source not in PAIR_SOURCES:
+            self._value_error(f"pair_source must be one of {', '.join(PAIR_SOURCES)}, got {self.pair_source!r}")
 
 
 class PreferenceLearner(TorchLearner):
@@ -134,6 +141,10 @@ class PreferenceLearner(TorchLearner):
     def reference_weights(self, module_id: str = DEFAULT_MODULE_ID) -> dict[str, np.ndarray]:
         """The reference LM's state dict as numpy arrays (checks, checkpoints of rules whose reference moves)."""
         return {k: v.detach().cpu().numpy() for k, v in self._references[module_id].state_dict().items()}
+
+    def after_update(self, config: PreferenceConfig, step: int) -> None:
+        """Called by the loop after every update (step = updates done so far, from 1). Rules whose reference
+        moves during training (e.g. soft or periodic reference updates) override it; default: nothing."""
 
     def pair_loss(self, config: PreferenceConfig, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                   ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -189,6 +200,8 @@ PREFERENCE_OPTIONS: tuple[Option, ...] = (
     Option("judge_beta", "sharpness of the scripted Bradley-Terry judge", positive, "> 0"),
     Option("sft_steps", "supervised fine-tuning steps on the demonstrations first", non_negative, ">= 0"),
     Option("sft_noise", "per-character corruption of the demonstrations", unit_interval, "in [0, 1]"),
+    Option("pair_source", "who generates the pairs: policy (online) or reference (a fixed SFT-policy dataset)",
+           lambda x: x in PAIR_SOURCES, " or ".join(PAIR_SOURCES)),
     Option("num_learners", "Learner actors (0 = learn in the driver; one per GPU on a cluster)", non_negative, ">= 0"),
 )
 
@@ -197,4 +210,5 @@ def pairwise_rule(name: str, paper_id: str, summary: str, config_class: type) ->
     """The Rule of a pairwise preference rule: shared options, the win-rate check, a cheap smoke run."""
     return Rule(name=name, family="preference", paper_ids=(paper_id,), summary=summary, config_class=config_class,
                 options=PREFERENCE_OPTIONS, learning_check=preference_check(paper_id),
-                smoke_overrides={"pairs_per_step": 8, "sft_steps": 5})
+                smoke_overrides={"pairs_per_step": 8, "sft_steps": 5},
+                check_runner="algorithms.preference.loop:run_learning_check")

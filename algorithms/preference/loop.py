@@ -5,8 +5,10 @@
 
 The driver is the queue's learner consumer: it reads a batch, claims it right before the update, sends it to
 the LearnerGroup (split over its Learners) and acks it only after the update returned, so a crash between
-read and ack leaves the pairs to the next consumer (`min_idle_s`). Weights go back to the producer after
-every update with the policy version, which is stamped on every pair it adds.
+read and ack leaves the pairs to the next consumer (`min_idle_s`). After every update each Learner's
+`after_update` hook runs (moving references), and, with `pair_source="policy"` (online), the weights go back
+to the producer with the policy version, which is stamped on every pair it adds; with "reference" the producer
+keeps the SFT policy (a fixed offline dataset).
 """
 
 from __future__ import annotations
@@ -122,8 +124,10 @@ def _train(rule: Rule, config: PreferenceConfig, text_task: Any, steps: int, see
                 continue
             results = learner_group.update(batch=learner_batch(text_task, batch))
             acked += len(consumer.ack(batch).acked)
-            module_state = learner_group.get_weights()["default_policy"]
-            ray.get(producer.set_weights.remote(module_state, step + 1))
+            learner_group.foreach_learner(lambda learner, done=step + 1: learner.after_update(config, done))
+            if config.pair_source == "policy":  # online: the next pairs come from the updated policy
+                module_state = learner_group.get_weights()["default_policy"]
+                ray.get(producer.set_weights.remote(module_state, step + 1))
             history.append(_step_metrics(results))
         result = PreferenceResult(steps=steps, pairs_acked=acked, seconds=time.monotonic() - started,
                                   history=history)
