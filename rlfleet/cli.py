@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-wait-ms", type=float, help="wait for a batch to fill (default 0)")
     serve.add_argument("--max-ongoing-requests", type=int, help="per replica (default 256)")
     serve.add_argument("--replicas", type=int, help="replicas of the server (default 1)")
+    serve.add_argument("--feedback", metavar="NAMESPACE",
+                       help="also mount the human-feedback endpoint of this preference queue at /v1/feedback")
+    serve.add_argument("--feedback-lease-s", type=float, default=300.0,
+                       help="seconds a pair handed to a person stays theirs (default 300)")
+    serve.add_argument("--text", action="append", default=[], metavar="NAME=RUN_DIR",
+                       help="also serve a guided text policy at /v1/text/policies/NAME/generate (repeatable)")
 
     bench = sub.add_parser("bench", help="side-by-side benchmarks against a peer library")
     bench.add_argument("which", choices=["ppo-throughput", "replay", "sac", "serve", "preference"])
@@ -201,14 +207,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # No tuning flag: a new server gets the defaults, a rollout keeps the running server's settings.
     tuning = ServeTuning(**given) if given else None
     first = next(iter(policies))
+    extra = {}
+    if args.feedback is not None:  # same API key as the policies (RLFLEET_API_KEY)
+        from services.serving import FEEDBACK_PREFIX, feedback_app
+
+        extra[FEEDBACK_PREFIX] = feedback_app(args.feedback, lease_s=args.feedback_lease_s)
+    if args.text:
+        from services.text_serving import TEXT_PREFIX, text_policies_app
+
+        if any(not all(item.partition("=")[::2]) for item in args.text):
+            raise UserError(f"--text takes NAME=RUN_DIR, got {args.text!r}")
+        texts = dict(item.partition("=")[::2] for item in args.text)
+        extra[TEXT_PREFIX] = text_policies_app(texts)
     done = deploy_policies(policies, host=args.host, port=args.port, tuning=tuning, keep_versions=args.keep_versions,
-                           versions={first: args.version} if args.version else None)
+                           versions={first: args.version} if args.version else None, extra_apps=extra)
     what = ", ".join(f"{name!r} version {version}" for name, version in done.versions.items())
     if not done.started:  # a server already runs in this Ray cluster: the new versions are rolled in
         print(f"rolled {what} into the server at {done.url}; it answers {done.url}/v1/policies/{first}/act")
         leave_serving()
         return 0
     print(f"serving {what} at {done.url}/v1/policies/{first}/act and /value (Ctrl-C to stop)")
+    for prefix in extra:
+        print(f"  and {done.url}{prefix}")
     print(f"roll a new checkpoint in: RAY_ADDRESS={ray.get_runtime_context().gcs_address} "
           f"rlfleet serve RUN_DIR_OR_CHECKPOINT --name {first}", flush=True)
     try:

@@ -426,6 +426,42 @@ def asgi_application(name: str, build: Callable[[], Any], api_key: str | None = 
     return deployment.bind()
 
 
+FEEDBACK_PREFIX = "/v1/feedback"
+
+
+def feedback_app(namespace: str, *, lease_s: float = 300.0, redis_url: str | None = None,
+                 api_key: str | None = None) -> Application:
+    """The people-in-the-loop endpoint of `namespace`'s preference queue (services/preferences/feedback_http.py)
+    as an extra app, behind the same API key as the policies: mount it at FEEDBACK_PREFIX,
+    `deploy_policies(..., extra_apps={FEEDBACK_PREFIX: feedback_app("run-42")})`.
+
+    Redis is `redis_url`, else REDIS_URL, else this process's embedded server (its unix socket). Checked here,
+    so a bad namespace or an unreachable Redis is a UserError now, not a replica crash-loop later."""
+    import redis
+
+    from services.preferences.queue import PreferenceQueue
+    from services.replay.connection import REDIS_URL_ENV, embedded_server
+
+    if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not lease_s > 0:
+        raise UserError(f"feedback lease must be > 0 seconds, got {lease_s!r}")
+    url = redis_url or os.environ.get(REDIS_URL_ENV) or embedded_server().url
+    try:
+        PreferenceQueue(redis.Redis.from_url(url), namespace).pending()  # bad namespace: a UserError
+    except redis.RedisError as exc:
+        raise UserError(f"cannot reach the preference queue's Redis at {url}: {exc}") from None
+
+    def build() -> Any:  # runs in the replica: connect there, nothing but strings travels
+        import redis as redis_client
+
+        from services.preferences.feedback_http import create_feedback_app
+        from services.preferences.queue import PreferenceQueue as Queue
+
+        queue = Queue(redis_client.Redis.from_url(url), namespace)
+        return create_feedback_app(queue, lease_s=float(lease_s), prefix="")  # Serve strips the route prefix
+
+    return asgi_application("PreferenceFeedback", build, api_key)
+
+
 # ---- driver side --------------------------------------------------------------------------------
 
 

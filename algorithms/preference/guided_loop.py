@@ -1,0 +1,317 @@
+"""The loop of the guided-decoding rules (GenARM P065, VAS P208): train a guide for a frozen SFT policy, decode.
+
+    GenARM: SFT -> loop.train_preference with the ARM as the LearnerGroup's policy (pairs from the frozen SFT
+            policy through the preference queue, labelled by the scripted judge) -> guide = the ARM
+    VAS:    SFT -> PairProducer (Ray actor, frozen SFT weights) --add--> preference queue --lease--> the reward
+            labels each pair --labelled--> learner consumer: read, claim, keep (prompt, response, reward), ack
+            -> fit the value model (TD(lambda)) -> guide = the value model
+
+A `GuidedRun` holds the frozen base, the guide and how to combine them; `save_guided_run` writes it as a run
+directory (`guided.json` + `base.safetensors` + `guide.safetensors`, no pickle) that `load_guided_run` and
+the text serving endpoint (`services/text_serving.py`) read back. The learning check (`run_guided_check`)
+compares guided decoding with the unguided SFT policy under the scripted judge on held-out prompts, and reports
+the same comparison for the untrained guide as a control.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from algorithms.common.guided_decoding import GUIDES, GuidedLM
+from algorithms.common.sequence import build_causal_lm
+from algorithms.preference.base import PreferenceConfig
+from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, CHECK_TASK, WIN_RATE_THRESHOLD
+from algorithms.preference.generation import RemotePairProducer, sample_texts, win_rate
+from algorithms.preference.loop import EVAL_SEED_OFFSET, SFT_DEMONSTRATIONS, _redis_url, train_preference
+from algorithms.preference.sft import sft_train
+from algorithms.rule import LearningCheck, Rule
+from envs.text_tasks import ReverseDigits, make_task
+from services.preferences import Pair, PreferenceQueue
+
+RUN_FILE = "guided.json"
+BASE_FILE, GUIDE_FILE = "base.safetensors", "guide.safetensors"
+RUN_FORMAT = 1
+
+
+def guided_check(paper_id: str) -> LearningCheck:
+    return LearningCheck(
+        env=CHECK_TASK, steps=CHECK_PAIRS, threshold=WIN_RATE_THRESHOLD,
+        source=(f"{paper_id}: guided decoding of the frozen SFT policy must beat the unguided SFT policy under the "
+                f"scripted Bradley-Terry judge (the paper's win rate against the base model); the shared "
+                f"preference threshold 0.6, 9 SE above 0.5 on {CHECK_EVAL_PROMPTS} held-out prompts"),
+    )
+
+
+@dataclass
+class GuidedRun:
+    """A frozen base LM and its guide: `decoder()` is the guided policy (a GuidedLM)."""
+
+    kind: str
+    lm: dict[str, Any]  # the base LM's config
+    guide_lm: dict[str, Any]  # the guide's config (VAS: untied head)
+    task: str
+    base: torch.nn.Module
+    guide: torch.nn.Module
+    strength: float
+    top_k: int | None = None
+    pairs_acked: int = 0
+    seconds: float = 0.0
+    history: list[float] = field(default_factory=list)
+
+    def decoder(self, strength: float | None = None, guide: torch.nn.Module | None = None) -> GuidedLM:
+        return GuidedLM(self.base, guide or self.guide, self.kind, self.strength if strength is None else strength,
+                        self.top_k)
+
+    def untrained_guide(self) -> torch.nn.Module:
+        """The guide before training (the control): GenARM's ARM starts as the base, VAS's value at zero."""
+        if self.kind == "genarm":
+            return self.base
+        from algorithms.preference.vas import build_value_model
+
+        return build_value_model(self.lm, self.base)
+
+
+def _config(rule: Rule, task: str | None, seed: int, overrides: dict[str, Any] | None) -> PreferenceConfig:
+    config: PreferenceConfig = rule.config_class()
+    for name, value in (overrides or {}).items():
+        if not hasattr(config, name):
+            raise ValueError(f"unknown option {name!r} for rule {rule.name}; valid: {', '.join(rule.option_names())}")
+        setattr(config, name, value)
+    if task is not None:
+        config.text_task = task
+    config.debugging(seed=seed)
+    config.validate()
+    return config
+
+
+def train_guided(rule: Rule, task: str | None = None, steps: int = 24, seed: int = 0,
+                 overrides: dict[str, Any] | None = None, queue: PreferenceQueue | None = None) -> GuidedRun:
+    """Train the guide of `rule` ("genarm" or "vas") for `steps` steps of `pairs_per_step` pairs. Ray must be up."""
+    config = _config(rule, task, seed, overrides)  # refuse bad options before any work
+    if rule.name == "genarm":
+        started = time.monotonic()
+        result = train_preference(rule, task, steps, seed, overrides, queue, evaluate=False)
+        history = [h.get("preference_loss", float("nan")) for h in result.history]
+        return GuidedRun("genarm", dict(config.lm), dict(config.lm), config.text_task, result.reference,
+                         result.policy, config.guide_strength, None, result.pairs_acked,
+                         time.monotonic() - started, history)
+    if rule.name == "vas":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny models on shared cores (see loop.train_preference)
+        try:
+            return _train_vas(config, steps, seed, queue)
+        finally:
+            torch.set_num_threads(threads)
+    raise ValueError(f"rule {rule.name!r} is not a guided-decoding rule; known: {', '.join(GUIDES)}")
+
+
+def reward_verdict(task: ReverseDigits):
+    """The reward as a queue verdict: the response with the higher hidden score wins, equal scores tie."""
+    def verdict(pair: Pair) -> int | str:
+        first, second = (task.score(pair.prompt, r) for r in pair.responses)
+        return "tie" if first == second else (0 if first > second else 1)
+
+    return verdict
+
+
+def _train_vas(config: PreferenceConfig, steps: int, seed: int, queue: PreferenceQueue | None) -> GuidedRun:
+    from algorithms.preference.vas import build_value_model, fit_value
+
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    task = make_task(config.text_task)
+    base = build_causal_lm(config.lm)
+    sft_train(base, task, task.demonstrations(SFT_DEMONSTRATIONS, config.sft_noise, rng), steps=config.sft_steps,
+              seed=seed)
+    base.requires_grad_(False)
+
+    own_queue = queue is None
+    queue = queue or PreferenceQueue(namespace=f"vas-{uuid.uuid4().hex[:8]}")
+    producer = None
+    samples: list[tuple[str, str, float]] = []
+    acked = 0
+    try:
+        producer = RemotePairProducer.remote(config.lm, config.text_task, queue.namespace, _redis_url(queue),
+                                             config.temperature, seed)
+        weights = {f"model.{k}": v.detach().numpy() for k, v in base.state_dict().items()}
+        ray.get(producer.set_weights.remote(weights, 0))  # version 0 forever: only the frozen SFT policy samples
+        judge, consumer = queue.judge("vas-reward"), queue.learner("vas-learner")
+        verdict = reward_verdict(task)
+        for step in range(steps):
+            ray.get(producer.produce.remote(config.pairs_per_step))
+            labelled = 0
+            while labelled < config.pairs_per_step:
+                got = judge.label_with(verdict, count=config.pairs_per_step - labelled, block_s=5.0)
+                if got == 0:
+                    raise RuntimeError(f"step {step}: only {labelled} of {config.pairs_per_step} pairs to score")
+                labelled += got
+            batch = consumer.claim(consumer.next_batch(config.pairs_per_step, min_idle_s=config.min_idle_s,
+                                                       block_s=5.0))
+            samples += [(p.pair.prompt, r, float(task.score(p.pair.prompt, r))) for p in batch
+                        for r in p.pair.responses]
+            acked += len(consumer.ack(batch).acked)
+    finally:
+        if producer is not None:
+            ray.kill(producer)
+        if own_queue:
+            queue.drop()
+    value = build_value_model(config.lm, base)
+    losses = fit_value(value, task, samples, steps=config.value_steps, lam=config.td_lambda, lr=config.lr,
+                       seed=seed)
+    value.requires_grad_(False)
+    return GuidedRun("vas", dict(config.lm), {**config.lm, "tie_word_embeddings": False}, config.text_task, base,
+                     value, config.guide_strength, config.top_k, acked, time.monotonic() - started, losses)
+
+
+def mean_reward(model: torch.nn.Module, task: ReverseDigits, prompts: Sequence[str], temperature: float,
+                seed: int) -> float:
+    texts = sample_texts(model, task, prompts, temperature, torch.Generator().manual_seed(seed))
+    return float(np.mean([task.score(p, r) for p, r in zip(prompts, texts)]))
+
+
+def evaluate_guided(run: GuidedRun, prompts: Sequence[str], judge_beta: float, temperature: float = 1.0,
+                    seed: int = 0) -> dict[str, float]:
+    """Guided decoding vs the unguided base (win rate, accuracies, mean task reward); the untrained guide at the
+    same strength (the control) vs the base, and guided vs the control."""
+    task = make_task(run.task)
+    guided, control = run.decoder(), run.decoder(guide=run.untrained_guide())
+    out = win_rate(guided, run.base, task, prompts, judge_beta, temperature, seed)
+    out["control_win_rate"] = win_rate(control, run.base, task, prompts, judge_beta, temperature, seed)["win_rate"]
+    # What training the guide added: guided vs the untrained guide at the same strength (0.5 = nothing).
+    out["win_rate_vs_control"] = win_rate(guided, control, task, prompts, judge_beta, temperature, seed)["win_rate"]
+    out["guided_reward"] = mean_reward(guided, task, prompts, temperature, seed + 1)
+    out["base_reward"] = mean_reward(run.base, task, prompts, temperature, seed + 1)
+    return out
+
+
+def run_guided_check(rule: Rule, seeds: int = 1) -> dict[str, Any]:
+    """`rule.learning_check` per seed: train the guide on its budget of pairs, then guided decoding vs the SFT
+    policy on CHECK_EVAL_PROMPTS held-out prompts. A row in `rlfleet verify`'s format ("return" = win rate)."""
+    from cluster.local import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    check = rule.learning_check
+    config = rule.config_class()
+    steps = -(-check.steps // config.pairs_per_step)
+    per_seed = []
+    for seed in range(seeds):
+        run = train_guided(rule, task=check.env, steps=steps, seed=seed)
+        eval_start = time.monotonic()
+        prompts = make_task(run.task).prompts(CHECK_EVAL_PROMPTS, np.random.default_rng(seed + EVAL_SEED_OFFSET))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            evaluation = evaluate_guided(run, prompts, config.judge_beta, config.temperature, seed)
+        finally:
+            torch.set_num_threads(threads)
+        wall = run.seconds + time.monotonic() - eval_start
+        per_seed.append({"seed": seed, "reached": evaluation["win_rate"] >= check.threshold,
+                         "return": evaluation["win_rate"], "env_steps": run.pairs_acked, "wall_s": wall,
+                         "guide_strength": run.strength, **evaluation})
+    wins = [s["return"] for s in per_seed]
+    return {
+        "rule": rule.name, "papers": list(rule.paper_ids), "env": check.env, "budget": check.steps,
+        "threshold": check.threshold, "source": check.source, "seeds": seeds, "eval_prompts": CHECK_EVAL_PROMPTS,
+        "return_mean": float(np.mean(wins)), "return_min": min(wins), "win_rate": float(np.mean(wins)),
+        "passed": all(s["reached"] for s in per_seed), "wall_s": sum(s["wall_s"] for s in per_seed),
+        "per_seed": per_seed,
+    }
+
+
+# ---- run directories: JSON + safetensors, nothing pickled ------------------------------------------------------
+
+
+def save_guided_run(run: GuidedRun, directory: str | Path) -> Path:
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(run.base, str(directory / BASE_FILE))  # save_model copes with GPT-2's tied embeddings
+    save_model(run.guide, str(directory / GUIDE_FILE))
+    meta = {"format": RUN_FORMAT, "kind": run.kind, "lm": run.lm, "guide_lm": run.guide_lm, "task": run.task,
+            "strength": run.strength, "top_k": run.top_k}
+    (directory / RUN_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def _lm_config(meta: dict[str, Any], key: str, where: Path) -> dict[str, Any]:
+    spec = meta.get(key)
+    # Only architecture configs: a "path" would make a run directory point at arbitrary weights elsewhere.
+    if not isinstance(spec, dict) or not isinstance(spec.get("model_type"), str) or "path" in spec:
+        raise ValueError(f"{where}: {key!r} must be an LM config object with a 'model_type' and no 'path'")
+    if not all(isinstance(v, (str, int, float, bool)) for v in spec.values()):
+        raise ValueError(f"{where}: {key!r} may only hold scalar values")
+    return spec
+
+
+def load_guided_run(directory: str | Path) -> GuidedRun:
+    """A run directory written by `save_guided_run` back as a GuidedRun (ValueError naming what is wrong)."""
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    meta_path = directory / RUN_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{directory} is not a guided-decoding run directory: {RUN_FILE} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
+        raise ValueError(f"{meta_path}: expected a JSON object with format {RUN_FORMAT}")
+    kind, strength, top_k = meta.get("kind"), meta.get("strength"), meta.get("top_k")
+    if kind not in GUIDES:
+        raise ValueError(f"{meta_path}: kind must be one of {', '.join(GUIDES)}, got {kind!r}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength >= 0:
+        raise ValueError(f"{meta_path}: strength must be a number >= 0, got {strength!r}")
+    if kind == "vas" and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{meta_path}: top_k must be an integer >= 1, got {top_k!r}")
+    task = meta.get("task")
+    if not isinstance(task, str):
+        raise ValueError(f"{meta_path}: task must be a task name, got {task!r}")
+    make_task(task)  # ValueError naming the known tasks
+    lm, guide_lm = _lm_config(meta, "lm", meta_path), _lm_config(meta, "guide_lm", meta_path)
+    models = []
+    for spec, name in ((lm, BASE_FILE), (guide_lm, GUIDE_FILE)):
+        model = build_causal_lm(spec)
+        try:
+            load_model(model, str(directory / name), strict=True)
+        except Exception as exc:  # missing file, wrong shapes or keys: say which file
+            raise ValueError(f"{directory / name}: cannot load weights: {type(exc).__name__}: {exc}") from None
+        model.eval()
+        model.requires_grad_(False)
+        models.append(model)
+    return GuidedRun(kind, lm, guide_lm, task, models[0], models[1], float(strength), top_k)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m algorithms.preference.guided_loop {genarm,vas} OUT_DIR: train a guide, save a run directory."""
+    import argparse
+
+    from algorithms.registry import get_rule
+    from cluster.local import ensure_ray
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("rule", choices=GUIDES)
+    parser.add_argument("out_dir")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    ensure_ray(num_cpus=2)
+    run = train_guided(get_rule(args.rule), steps=args.steps, seed=args.seed)
+    print(save_guided_run(run, args.out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
