@@ -114,10 +114,21 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def copy_weights(target: torch.nn.Module, source: torch.nn.Module, mix: float = 1.0) -> None:
-    """target <- (1 - mix) * target + mix * source, parameter by parameter (mix=1: a hard copy)."""
+    """target <- (1 - mix) * target + mix * source, once per distinct tensor (mix=1: a hard copy).
+
+    `state_dict()` lists a tied tensor under every name (GPT-2's lm_head.weight is transformer.wte.weight); mixing
+    it twice would leave (1 - mix)^2 of the old value, so each tensor is updated the first time it is seen only."""
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"mix must be in [0, 1], got {mix}")
-    for t, s in zip(target.state_dict().values(), source.state_dict().values()):
+    target_state, source_state = target.state_dict(), source.state_dict()
+    if target_state.keys() != source_state.keys():
+        raise ValueError("target and source have different parameter names")
+    seen: set[int] = set()
+    for name, t in target_state.items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        s = source_state[name]
         if t.is_floating_point():
             t.mul_(1.0 - mix).add_(s.detach().to(t.dtype), alpha=mix)
         else:

@@ -88,6 +88,19 @@ class PreferenceConfig(AlgorithmConfig):
     def get_default_learner_class(self) -> type:
         return PreferenceLearner
 
+    # -- generation-side hooks (rules whose data is generated online in a special way) --
+
+    def producer_weights_due(self, step: int) -> bool:
+        """After update `step` (from 1): does the generation actor get the learner's current weights? Default:
+        after every update when online (pair_source "policy"); never for a fixed dataset ("reference"). Iterative
+        rules (batched on-policy: DNO, INPO, Nash-MP) sync only at iteration boundaries."""
+        return self.pair_source == "policy"
+
+    def producer_mixture(self) -> float:
+        """beta of the per-token geometric mixture pi^(1-beta) pi_ref^beta the generation actor samples from
+        (IPO-MD, P021); 0 = the policy itself (default)."""
+        return 0.0
+
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         # Spaces for RLlib's bookkeeping: an observation is a row of token ids, an action the next token.
         vocab = int(self.lm.get("vocab_size", len(VOCAB)))
@@ -122,6 +135,33 @@ class PreferenceConfig(AlgorithmConfig):
             self._value_error(f"pair_source must be one of {', '.join(PAIR_SOURCES)}, got {self.pair_source!r}")
 
 
+class IterativePreferenceConfig(PreferenceConfig):
+    """Iterations of `iteration_steps` updates (iterative / batched on-policy rules: DNO, INPO, APO, Nash-MP).
+    Online, the generation actor gets the policy only at iteration ends, so every pair of an iteration comes
+    from the same iterate pi_t (the paper's "sample a batch from pi_t, label, then fit pi_{t+1}")."""
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class)
+        self.iteration_steps = 6  # 4 iterations in the 24-step learning check
+
+    def training(self, *, iteration_steps: int | None = None, **kwargs: Any) -> IterativePreferenceConfig:
+        super().training(**kwargs)
+        if iteration_steps is not None:
+            self.iteration_steps = iteration_steps
+        return self
+
+    def iteration_ends(self, step: int) -> bool:
+        return step % self.iteration_steps == 0
+
+    def producer_weights_due(self, step: int) -> bool:
+        return self.pair_source == "policy" and self.iteration_ends(step)
+
+    def validate(self) -> None:
+        super().validate()
+        if not (isinstance(self.iteration_steps, int) and self.iteration_steps >= 1):
+            self._value_error(f"iteration_steps must be an integer >= 1, got {self.iteration_steps}")
+
+
 class PreferenceLearner(TorchLearner):
     """Scores each pair under the policy (forward_train) and the frozen reference, then applies `pair_loss`."""
 
@@ -141,6 +181,10 @@ class PreferenceLearner(TorchLearner):
     def reference_weights(self, module_id: str = DEFAULT_MODULE_ID) -> dict[str, np.ndarray]:
         """The reference LM's state dict as numpy arrays (checks, checkpoints of rules whose reference moves)."""
         return {k: v.detach().cpu().numpy() for k, v in self._references[module_id].state_dict().items()}
+
+    def start_training(self, config: PreferenceConfig) -> None:
+        """Called by the loop once, right after the reference was set from the SFT policy and before the first
+        update. Rules with more frozen copies (an anchor iterate) set them here; default: nothing."""
 
     def after_update(self, config: PreferenceConfig, step: int) -> None:
         """Called by the loop after every update (step = updates done so far, from 1). Rules whose reference
@@ -167,6 +211,39 @@ class PreferenceLearner(TorchLearner):
             key=module_id, window=1,
         )
         return loss
+
+
+class AnchoredPreferenceLearner(PreferenceLearner):
+    """A PreferenceLearner with a second frozen copy, the anchor (e.g. the last iterate pi_t of an iterative rule),
+    beside the reference. The anchor starts as the SFT policy (`start_training`) and moves with `set_anchor`."""
+
+    def build(self) -> None:
+        super().build()
+        self._anchors = {mid: frozen_copy(self.policy_lm(mid)) for mid in self.module.keys()}
+
+    def start_training(self, config: PreferenceConfig) -> None:
+        super().start_training(config)
+        self.set_anchor("policy")
+
+    def set_anchor(self, source: str = "policy") -> None:
+        """anchor <- a copy of the current policy ("policy") or of the reference ("reference")."""
+        if source not in ("policy", "reference"):
+            raise ValueError(f"anchor source must be 'policy' or 'reference', got {source!r}")
+        for mid, anchor in self._anchors.items():
+            copy_weights(anchor, self.policy_lm(mid) if source == "policy" else self._references[mid])
+
+    def anchor_logprobs(self, module_id: str, batch: dict[str, Any]) -> torch.Tensor:
+        with torch.no_grad():
+            return pair_logprobs(self._anchors[module_id], batch)
+
+    def compute_loss_for_module(self, *, module_id: str, config: PreferenceConfig, batch: dict[str, Any],
+                                fwd_out: dict[str, Any]) -> torch.Tensor:
+        # (B, 2) anchor log-probs of this batch, read by the subclass's `pair_loss` (whose signature is shared).
+        self.anchor_logp = self.anchor_logprobs(module_id, batch)
+        return super().compute_loss_for_module(module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
+
+    def anchor_weights(self, module_id: str = DEFAULT_MODULE_ID) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in self._anchors[module_id].state_dict().items()}
 
 
 def pair_columns(task: ReverseDigits, pairs: Sequence[LabelledPair]) -> dict[str, np.ndarray]:
@@ -206,9 +283,15 @@ PREFERENCE_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def pairwise_rule(name: str, paper_id: str, summary: str, config_class: type) -> Rule:
-    """The Rule of a pairwise preference rule: shared options, the win-rate check, a cheap smoke run."""
+ITERATION_OPTION = Option("iteration_steps", "updates per iteration; the generation actor gets the policy only at "
+                          "iteration ends (batched on-policy)", positive, ">= 1")
+
+
+def pairwise_rule(name: str, paper_id: str, summary: str, config_class: type,
+                  extra_options: tuple[Option, ...] = ()) -> Rule:
+    """The Rule of a pairwise preference rule: shared options (plus the rule's `extra_options`), the win-rate
+    check, a cheap smoke run."""
     return Rule(name=name, family="preference", paper_ids=(paper_id,), summary=summary, config_class=config_class,
-                options=PREFERENCE_OPTIONS, learning_check=preference_check(paper_id),
+                options=PREFERENCE_OPTIONS + tuple(extra_options), learning_check=preference_check(paper_id),
                 smoke_overrides={"pairs_per_step": 8, "sft_steps": 5},
                 check_runner="algorithms.preference.loop:run_learning_check")

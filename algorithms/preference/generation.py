@@ -11,6 +11,7 @@ import numpy as np
 import ray
 import torch
 
+from algorithms.common.geometric_mixture import GeometricMixtureLM
 from algorithms.common.sequence import build_causal_lm, sample_responses
 from envs.text_tasks import EOS_ID, PAD_ID, BradleyTerryJudge, ReverseDigits, make_task
 from services.preferences import PreferenceQueue
@@ -31,7 +32,8 @@ def sample_texts(model: torch.nn.Module, task: ReverseDigits, prompts: Sequence[
 
 class PairProducer:
     """Samples two responses per prompt from the current policy and adds them as one pair to the queue.
-    Runs as a Ray actor (`ray.remote(PairProducer)`); it reaches Redis through `redis_url`."""
+    Runs as a Ray actor (`ray.remote(PairProducer)`); it reaches Redis through `redis_url`. After `set_mixture`
+    it samples from the per-token geometric mixture pi^(1-beta) pi_ref^beta instead (IPO-MD, P021)."""
 
     def __init__(self, lm_config: Mapping[str, Any], task: str, namespace: str, redis_url: str | None,
                  temperature: float = 1.0, seed: int = 0) -> None:
@@ -47,17 +49,31 @@ class PairProducer:
         self.rng = np.random.default_rng(seed)
         self.version = 0
         self.produced = 0
+        self.lm_config = dict(lm_config)
+        self.sampler: torch.nn.Module = self.model  # what `produce` samples from
 
     def set_weights(self, module_state: Mapping[str, Any], version: int) -> int:
         self.model.load_state_dict(lm_state(module_state))
         self.version = version
         return version
 
+    def set_mixture(self, reference_state: Mapping[str, Any], beta: float) -> float:
+        """Sample from pi_theta^(1-beta) pi_ref^beta per token from now on; `reference_state` is a CausalLMModule
+        state (the reference stays fixed; the policy part follows `set_weights`). beta = 0: the policy again."""
+        if beta == 0.0:
+            self.sampler = self.model
+            return beta
+        reference = build_causal_lm(self.lm_config)
+        reference.load_state_dict(lm_state(reference_state))
+        reference.eval()
+        self.sampler = GeometricMixtureLM(self.model, reference, beta)
+        return beta
+
     def produce(self, n: int, timeout: float = 300.0) -> list[str]:
         """Add `n` fresh pairs (waits while the queue is full, then QueueFull); returns their ids."""
         prompts = self.task.prompts(n, self.rng)
-        first = sample_texts(self.model, self.task, prompts, self.temperature, self.generator)
-        second = sample_texts(self.model, self.task, prompts, self.temperature, self.generator)
+        first = sample_texts(self.sampler, self.task, prompts, self.temperature, self.generator)
+        second = sample_texts(self.sampler, self.task, prompts, self.temperature, self.generator)
         pairs = []
         for prompt, a, b in zip(prompts, first, second):
             pairs.append({"id": f"v{self.version}-{self.produced}", "prompt": prompt, "responses": [a, b],

@@ -6,9 +6,12 @@
 The driver is the queue's learner consumer: it reads a batch, claims it right before the update, sends it to
 the LearnerGroup (split over its Learners) and acks it only after the update returned, so a crash between
 read and ack leaves the pairs to the next consumer (`min_idle_s`). After every update each Learner's
-`after_update` hook runs (moving references), and, with `pair_source="policy"` (online), the weights go back
-to the producer with the policy version, which is stamped on every pair it adds; with "reference" the producer
-keeps the SFT policy (a fixed offline dataset).
+`after_update` hook runs (moving references), and, when `config.producer_weights_due(step)` (by default after
+every update with `pair_source="policy"`, i.e. online), the weights go back to the producer with the policy
+version, which is stamped on every pair it adds; with "reference" the producer keeps the SFT policy (a fixed
+offline dataset), and iterative rules sync it only at iteration boundaries (batched on-policy). Each Learner's
+`start_training` hook runs once before the first update; `config.producer_mixture() > 0` makes the producer
+sample from the geometric mixture of the policy and the SFT reference (IPO-MD).
 """
 
 from __future__ import annotations
@@ -100,10 +103,13 @@ def _train(rule: Rule, config: PreferenceConfig, text_task: Any, steps: int, see
         weights = {k: v.detach().numpy() for k, v in sft_model.state_dict().items()}
         learner_group.set_weights({"default_policy": {f"model.{k}": v for k, v in weights.items()}})
         learner_group.foreach_learner(lambda learner: learner.reset_reference())
+        learner_group.foreach_learner(lambda learner: learner.start_training(config))
         producer = RemotePairProducer.remote(config.lm, config.text_task, queue.namespace, _redis_url(queue),
                                              config.temperature, seed)
         module_state = learner_group.get_weights()["default_policy"]
         ray.get(producer.set_weights.remote(module_state, 0))
+        if config.producer_mixture() > 0:  # the SFT weights are the mixture's fixed reference part
+            ray.get(producer.set_mixture.remote(module_state, config.producer_mixture()))
         judge = queue.judge("bt-judge")
         verdict = judge_verdict(BradleyTerryJudge(text_task, beta=config.judge_beta, seed=seed))
         consumer = queue.learner("learner-driver")
@@ -125,7 +131,7 @@ def _train(rule: Rule, config: PreferenceConfig, text_task: Any, steps: int, see
             results = learner_group.update(batch=learner_batch(text_task, batch))
             acked += len(consumer.ack(batch).acked)
             learner_group.foreach_learner(lambda learner, done=step + 1: learner.after_update(config, done))
-            if config.pair_source == "policy":  # online: the next pairs come from the updated policy
+            if config.producer_weights_due(step + 1):  # online: the next pairs come from the updated policy
                 module_state = learner_group.get_weights()["default_policy"]
                 ray.get(producer.set_weights.remote(module_state, step + 1))
             history.append(_step_metrics(results))
