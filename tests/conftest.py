@@ -24,6 +24,18 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on shared cores: one torch thread (the preference loop does the same; two were 20x slower).
+    Preference test modules use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def make_ppo_checkpoint(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: train stock PPO for one iteration and save a run dir; returns the run dir.

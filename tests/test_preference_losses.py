@@ -30,13 +30,7 @@ from services.preferences import Label, LabelledPair, Pair
 NEW_RULES = [f_dpo.RULE, rpo.RULE, wpo.RULE, exo.RULE, sspo.RULE, spac.RULE]
 sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on shared cores: more torch threads only fight (the loop does the same, see loop.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # The batch of tests/test_dpo_ipo.py: (policy chosen, policy rejected, reference chosen, reference rejected).

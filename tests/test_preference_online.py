@@ -23,13 +23,7 @@ from conftest_replay import namespace, rclient, replay_server  # noqa: F401
 from envs.text_tasks import ReverseDigits
 from services.preferences import Label, LabelledPair, Pair, PreferenceQueue
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on shared cores: one thread (the loop does the same; two threads were 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 RULES = [tr_dpo.RULE, online_ipo.RULE, ipo_md.RULE, dno.RULE, inpo.RULE, hypo.RULE, nash_mp.RULE, apo.RULE]
