@@ -121,7 +121,9 @@ def _policy_gradient(module, batch):
 
 @pytest.mark.parametrize("grad_clip", [None, 0.05])
 def test_ppo_polyak_learner_takes_the_polyak_step(grad_clip):
-    config = PPOPolyakConfig().environment("CartPole-v1").training(grad_clip=grad_clip)
+    # c = 4 and no entropy term (the defaults are c = 32, c_H = 0.01), so the step below is easy to write out.
+    config = PPOPolyakConfig().environment("CartPole-v1").training(grad_clip=grad_clip, polyak_c=4.0,
+                                                                   entropy_coeff=0.0)
     learner = config.build_learner(env=gym.make("CartPole-v1"))
     module = learner.module["default_policy"]
     batch = _batch(module)

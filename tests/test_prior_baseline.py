@@ -1,4 +1,4 @@
-"""P272 prior_baseline: V = w V_prior + V_phi by hand, the prior from a real DQN / PPO checkpoint, bad options."""
+"""P272 prior_baseline: V = w V_prior + V_phi and the gradient of the learned w by hand, the prior from a real DQN / PPO checkpoint, bad options."""
 
 import gymnasium as gym
 import numpy as np
@@ -26,6 +26,20 @@ def test_combined_value_and_its_advantages_by_hand():
     # G = [1 + 0.9 + 0.81, 1 + 0.9, 1] = [2.71, 1.9, 1.0] -> A = [2.71 - 5.5, 1.9 - 3.0, 1.0 - 4.0]
     adv = gae_advantages(np.ones(3, np.float32), v.detach().numpy(), 0.0, gamma=0.9, lambda_=1.0)
     np.testing.assert_allclose(adv, [2.71 - 5.5, 1.9 - 3.0, -3.0], rtol=1e-5)
+
+
+def test_learned_prior_weight_gets_the_value_loss_gradient_by_hand():
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    new = torch.tensor([1.0, -1.0], requires_grad=True)
+    prior = torch.tensor([10.0, 4.0])
+    targets = torch.tensor([5.0, 2.0])
+    v = combined_value(new, prior, w)  # [1 * 10 + 1, 1 * 4 - 1] = [11, 3]
+    loss = ((v - targets) ** 2).mean()  # errors [6, 1]: (36 + 1) / 2 = 18.5
+    loss.backward()
+    torch.testing.assert_close(loss, torch.tensor(18.5))
+    # dL/dw = mean(2 * error * V_prior) = (2 * 6 * 10 + 2 * 1 * 4) / 2 = 64; dL/dV_phi = error = [6, 1]
+    torch.testing.assert_close(w.grad, torch.tensor(64.0))
+    torch.testing.assert_close(new.grad, torch.tensor([6.0, 1.0]))
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +72,12 @@ def test_the_first_baseline_is_the_prior(dqn_prior):
     obs = torch.randn(5, 4) * 0.1
     expected = 2.0 * PriorValue(dqn_prior)(obs)  # V_phi's output layer starts at zero
     torch.testing.assert_close(module.compute_values({Columns.OBS: obs}), expected)
+    assert module.prior_weight.requires_grad  # w is learned by default ...
+    assert any(p is module.prior_weight for p in learner.get_parameters(module))  # ... by the learner's optimizer
+    config, _ = build_config(get_rule("prior_baseline"), "CartPole-v1", 0,
+                             {"prior_checkpoint": str(dqn_prior), "learn_prior_weight": "false"})
+    fixed = config.build_learner(env=gym.make("CartPole-v1")).module["default_policy"]
+    assert not fixed.prior_weight.requires_grad and float(fixed.prior_weight) == 1.0
 
 
 def test_bad_options_are_refused(tmp_path):

@@ -330,14 +330,14 @@ class StreamACLearner(OnPolicyLearner):
     @override(OnPolicyLearner)
     def configure_optimizers_for_module(self, module_id: str, config=None) -> None:
         module = self._module[module_id]
-        betas = (config.adam_beta1, 0.999)
+        # fused: torch's one-kernel Adam, the same update rule; one step per env step makes its speed matter.
+        adam = {"betas": (config.adam_beta1, 0.999), "fused": bool(getattr(config, "fused_adam", False))}
         actor = list(module.actor.parameters()) + list(module.pi.parameters())
         critic = list(module.critic.parameters()) + list(module.q.parameters())
-        self.register_optimizer(module_id=module_id, optimizer_name=ACTOR,
-                                optimizer=torch.optim.Adam(actor, betas=betas), params=actor,
-                                lr_or_lr_schedule=config.actor_lr)
+        self.register_optimizer(module_id=module_id, optimizer_name=ACTOR, optimizer=torch.optim.Adam(actor, **adam),
+                                params=actor, lr_or_lr_schedule=config.actor_lr)
         self.register_optimizer(module_id=module_id, optimizer_name=CRITIC,
-                                optimizer=torch.optim.Adam(critic, betas=betas), params=critic,
+                                optimizer=torch.optim.Adam(critic, **adam), params=critic,
                                 lr_or_lr_schedule=config.critic_lr)
 
     @override(OnPolicyLearner)
@@ -411,9 +411,14 @@ RULE = Rule(
             "target network) with observation, penultimate-layer and TD-error normalisation",
     config_class=StreamACConfig,
     options=STREAM_AC_OPTIONS,
-    learning_check=LearningCheck("InvertedPendulum-v5", 100_000, 950.0,
-                                 "1000 is the task's maximum (pole held for the whole episode); 950 = an "
-                                 "iteration's episodes almost all held to the limit. The paper's tasks are MuJoCo "
-                                 "locomotion over millions of steps; none is this small"),
+    # 200k = 100k steps to learn + the 100k steps that the score's window (the last 100 episodes) spans once
+    # episodes last 1000 steps: at a 100k budget, 950 needs ~95 full-length episodes, i.e. a task solved
+    # within ~5k steps (measured: 100k-step run, seed 0, the last 100 episodes began at step 51k).
+    learning_check=LearningCheck("InvertedPendulum-v5", 200_000, 950.0,
+                                 "1000 is the task's maximum (pole held for the whole episode); 950 = the last "
+                                 "100 episodes almost all held to the limit. Budget: 100k steps to learn plus the "
+                                 "100k that 100 episodes of 1000 steps span. The paper's runs are MuJoCo "
+                                 "locomotion over 10M steps (the authors' avg.py default N = 10,001,000); none "
+                                 "of its tasks is this small"),
     smoke_overrides={"train_batch_size": 16, "steps_per_iteration": 32},
 )
