@@ -28,12 +28,10 @@ def ray_session() -> Iterator[None]:
 def one_torch_thread() -> Iterator[None]:
     """Tiny models on shared cores: one torch thread (the preference loop does the same; two were 20x slower).
     Preference test modules use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
-    import torch
+    from algorithms.common.sequence import one_torch_thread as one_thread
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

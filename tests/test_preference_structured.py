@@ -19,7 +19,6 @@ from algorithms.preference.base import TINY_LM, VALID
 from algorithms.preference.feedback_store import FeedbackStore
 from algorithms.preference.module import pair_logprobs
 from algorithms.preference.step_search import Node, search, step_pairs
-from algorithms.preference.structured_loop import one_torch_thread
 from conftest_replay import namespace, rclient, replay_server  # noqa: F401
 from envs.multiturn_text import MT_VOCAB, MultiTurnDigits, mt_decode, mt_encode
 from envs.text_safety import SafeReverseDigits, SafetyView
@@ -30,10 +29,7 @@ from services.preferences import (Label, LabelledPair, Pair, PreferenceError, Pr
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_torch_thread():  # tiny models on a shared machine: more threads only fight over the cores
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def labelled(prompt, first, second, preferred, i: int, meta=None) -> LabelledPair:
@@ -79,7 +75,8 @@ def test_dro_columns_and_one_learner_update() -> None:
     try:
         group.foreach_learner(lambda learner: learner.reset_reference())
         before = group.get_weights()["default_policy"]
-        from algorithms.preference.structured_loop import as_batch, step_metrics
+        from algorithms.preference.loop import step_metrics
+        from algorithms.preference.structured_loop import as_batch
 
         stats = step_metrics(group.update(batch=as_batch(cols, 2)), ("log_ratio", "value_mean", "mean_reward"))
         assert stats["log_ratio"] == pytest.approx(0.0, abs=1e-6) and stats["mean_reward"] == 0.5

@@ -162,6 +162,21 @@ class IterativePreferenceConfig(PreferenceConfig):
             self._value_error(f"iteration_steps must be an integer >= 1, got {self.iteration_steps}")
 
 
+def make_config(rule: Rule, overrides: dict[str, Any] | None, seed: int, text_task: str | None = None) -> Any:
+    """The rule's config with typed `overrides` (a typo is refused, never a silently ignored new attribute),
+    its text task, seeded and validated."""
+    config = rule.config_class()
+    for name, value in (overrides or {}).items():
+        if not hasattr(config, name):
+            raise ValueError(f"unknown option {name!r} for rule {rule.name}; valid: {', '.join(rule.option_names())}")
+        setattr(config, name, value)
+    if text_task is not None:
+        config.text_task = text_task
+    config.debugging(seed=seed)
+    config.validate()
+    return config
+
+
 class PreferenceLearner(TorchLearner):
     """Scores each pair under the policy (forward_train) and the frozen reference, then applies `pair_loss`."""
 

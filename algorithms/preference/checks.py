@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from algorithms.rule import LearningCheck
+from typing import Any
+
+import numpy as np
+
+from algorithms.rule import LearningCheck, Rule
 
 CHECK_TASK = "reverse-digits"
 CHECK_PAIRS = 1536  # labelled pairs learned from (24 steps of 64)
@@ -21,3 +25,17 @@ def preference_check(paper_id: str) -> LearningCheck:
                 f"{CHECK_EVAL_PROMPTS} held-out prompts is about 0.011, so 0.6 is 9 SE above it. Measured "
                 f"2026-11-21: DPO 0.736 / 0.669, IPO 0.733 / 0.679 (seeds 0 / 1)"),
     )
+
+
+def check_row(rule: Rule, per_seed: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A row in `rlfleet verify`'s format from the per-seed results ("return" is the check's score, e.g. the win
+    rate; "reached", "wall_s" per seed): passed when every seed reached the threshold."""
+    check = rule.learning_check
+    scores = [s["return"] for s in per_seed]
+    return {
+        "rule": rule.name, "papers": list(rule.paper_ids), "env": check.env, "budget": check.steps,
+        "threshold": check.threshold, "source": check.source, "seeds": len(per_seed),
+        "eval_prompts": CHECK_EVAL_PROMPTS, "return_mean": float(np.mean(scores)), "return_min": min(scores),
+        "win_rate": float(np.mean(scores)), "passed": all(s["reached"] for s in per_seed),
+        "wall_s": sum(s["wall_s"] for s in per_seed), "per_seed": per_seed, **extra,
+    }

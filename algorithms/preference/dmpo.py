@@ -39,10 +39,9 @@ from algorithms.preference.base import (PREFERENCE_OPTIONS, TINY_LM, VALID, Pref
 from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, WIN_RATE_THRESHOLD
 from algorithms.preference.dpo import dpo_loss
 from algorithms.preference.generation import PairProducer, judge_verdict
-from algorithms.preference.loop import PreferenceResult, _redis_url
+from algorithms.preference.loop import PAIR_METRICS, PreferenceResult, redis_url, step_metrics
 from algorithms.preference.module import LOGP, PAIR_COLUMNS, CausalLMModule
-from algorithms.preference.structured_loop import (PAIR_METRICS, label_everything,
-                                                   learn_from_queue, preference_run, run_check, step_metrics)
+from algorithms.preference.structured_loop import label_everything, learn_from_queue, preference_run, run_check
 from algorithms.rule import LearningCheck, Rule
 from envs.multiturn_text import MT_VOCAB, MultiTurnDigits
 from envs.text_tasks import PAD_ID, BradleyTerryJudge
@@ -214,7 +213,7 @@ def train_dmpo(rule: Rule, steps: int = 24, seed: int = 0, overrides: dict[str, 
     with preference_run(rule, overrides, seed, lambda c: MultiTurnDigits(), queue,
                         lambda: PreferenceQueue(namespace=f"pref-dmpo-{uuid.uuid4().hex[:8]}")) as run:
         config, task, queue = run.config, run.task, run.store
-        run.producer = RemoteTrajectoryPairProducer.remote(config.lm, queue.namespace, _redis_url(queue),
+        run.producer = RemoteTrajectoryPairProducer.remote(config.lm, queue.namespace, redis_url(queue),
                                                            config.temperature, seed)
         run.sync_producer(0)
         judge, consumer = queue.judge("bt-judge"), queue.learner("learner-driver")

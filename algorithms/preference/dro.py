@@ -42,10 +42,9 @@ from algorithms.preference.base import PREFERENCE_OPTIONS, PreferenceConfig, Pre
 from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, CHECK_TASK, WIN_RATE_THRESHOLD
 from algorithms.preference.feedback_store import FeedbackStore, Rated
 from algorithms.preference.generation import lm_state, sample_texts, win_rate
-from algorithms.preference.loop import PreferenceResult, _redis_url
+from algorithms.preference.loop import PreferenceResult, redis_url, step_metrics
 from algorithms.preference.module import LOGP, PAIR_COLUMNS, CausalLMModule, pair_logprobs
-from algorithms.preference.structured_loop import (as_batch, module_state, preference_run,
-                                                   run_check, step_metrics)
+from algorithms.preference.structured_loop import as_batch, module_state, preference_run, run_check
 from algorithms.rule import LearningCheck, Rule
 from envs.text_tasks import PAD_ID, VOCAB, ReverseDigits, make_task
 
@@ -176,7 +175,7 @@ def train_dro(rule: Rule, steps: int = 48, seed: int = 0, overrides: dict[str, A
                         lambda: FeedbackStore(namespace=f"dro-{uuid.uuid4().hex[:8]}")) as run:
         config, task, store = run.config, run.task, run.store
         run.producer = RemoteSingleResponseProducer.remote(config.lm, module_state(run.sft), config.text_task,
-                                                           store.namespace, _redis_url(store), config.temperature, seed)
+                                                           store.namespace, redis_url(store), config.temperature, seed)
         rate = thumbs(task)
         history, used = [], 0
         for step in range(steps):

@@ -32,7 +32,7 @@ from algorithms.common.sequence import build_causal_lm
 from algorithms.preference.base import PreferenceConfig
 from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, CHECK_TASK, WIN_RATE_THRESHOLD
 from algorithms.preference.generation import RemotePairProducer, sample_texts, win_rate
-from algorithms.preference.loop import EVAL_SEED_OFFSET, SFT_DEMONSTRATIONS, _redis_url, train_preference
+from algorithms.preference.loop import EVAL_SEED_OFFSET, SFT_DEMONSTRATIONS, redis_url, train_preference
 from algorithms.preference.sft import sft_train
 from algorithms.rule import LearningCheck, Rule
 from envs.text_tasks import ReverseDigits, make_task
@@ -142,7 +142,7 @@ def _train_vas(config: PreferenceConfig, steps: int, seed: int, queue: Preferenc
     samples: list[tuple[str, str, float]] = []
     acked = 0
     try:
-        producer = RemotePairProducer.remote(config.lm, config.text_task, queue.namespace, _redis_url(queue),
+        producer = RemotePairProducer.remote(config.lm, config.text_task, queue.namespace, redis_url(queue),
                                              config.temperature, seed)
         weights = {f"model.{k}": v.detach().numpy() for k, v in base.state_dict().items()}
         ray.get(producer.set_weights.remote(weights, 0))  # version 0 forever: only the frozen SFT policy samples

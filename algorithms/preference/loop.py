@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
 
-from algorithms.common.sequence import build_causal_lm
-from algorithms.preference.base import PreferenceConfig, learner_batch
-from algorithms.preference.checks import CHECK_EVAL_PROMPTS
+from algorithms.common.sequence import build_causal_lm, one_torch_thread
+from algorithms.preference.base import PreferenceConfig, learner_batch, make_config
+from algorithms.preference.checks import CHECK_EVAL_PROMPTS, check_row
 from algorithms.preference.generation import RemotePairProducer, judge_verdict, lm_state, win_rate
 from algorithms.preference.sft import sft_train
 from algorithms.rule import Rule
 from envs.text_tasks import BradleyTerryJudge, make_task
 from services.preferences import PreferenceQueue
+from services.replay.connection import client_url
 
 SFT_DEMONSTRATIONS = 2000
 EVAL_SEED_OFFSET = 10_000  # eval prompts come from their own stream, apart from training prompts
@@ -49,13 +52,9 @@ class PreferenceResult:
     reference: torch.nn.Module | None = None
 
 
-def _redis_url(queue: PreferenceQueue) -> str:
-    """How other processes reach the queue's server (the embedded one's unix socket, or REDIS_URL)."""
-    kwargs = queue.redis.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
-    host, port, db = kwargs.get("host", "localhost"), kwargs.get("port", 6379), kwargs.get("db", 0)
-    return f"redis://{host}:{port}/{db}"
+def redis_url(queue: Any) -> str:
+    """How other processes (the generation actor) reach the server of `queue` (anything with a `.redis` client)."""
+    return client_url(queue.redis)
 
 
 def train_preference(rule: Rule, task: str | None = None, steps: int = 24, seed: int = 0,
@@ -66,22 +65,10 @@ def train_preference(rule: Rule, task: str | None = None, steps: int = 24, seed:
     Ray must be initialised. `overrides` are typed config attributes (e.g. {"beta": 0.2}); `queue` defaults to
     a fresh namespace on REDIS_URL / the embedded server, dropped at the end.
     """
-    config: PreferenceConfig = rule.config_class()
-    for name, value in (overrides or {}).items():
-        if not hasattr(config, name):  # a typo must not become a silently ignored new attribute
-            raise ValueError(f"unknown option {name!r} for rule {rule.name}; valid: {', '.join(rule.option_names())}")
-        setattr(config, name, value)
-    if task is not None:
-        config.text_task = task
-    config.debugging(seed=seed)
-    config.validate()
+    config = make_config(rule, overrides, seed, text_task=task)
     text_task = make_task(config.text_task)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only fight over the shared cores (20x slower measured)
-    try:
+    with one_torch_thread():
         return _train(rule, config, text_task, steps, seed, queue, evaluate, eval_prompts)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(rule: Rule, config: PreferenceConfig, text_task: Any, steps: int, seed: int,
@@ -104,7 +91,7 @@ def _train(rule: Rule, config: PreferenceConfig, text_task: Any, steps: int, see
         learner_group.set_weights({"default_policy": {f"model.{k}": v for k, v in weights.items()}})
         learner_group.foreach_learner(lambda learner: learner.reset_reference())
         learner_group.foreach_learner(lambda learner: learner.start_training(config))
-        producer = RemotePairProducer.remote(config.lm, config.text_task, queue.namespace, _redis_url(queue),
+        producer = RemotePairProducer.remote(config.lm, config.text_task, queue.namespace, redis_url(queue),
                                              config.temperature, seed)
         module_state = learner_group.get_weights()["default_policy"]
         ray.get(producer.set_weights.remote(module_state, 0))
@@ -134,7 +121,7 @@ def _train(rule: Rule, config: PreferenceConfig, text_task: Any, steps: int, see
             if config.producer_weights_due(step + 1):  # online: the next pairs come from the updated policy
                 module_state = learner_group.get_weights()["default_policy"]
                 ray.get(producer.set_weights.remote(module_state, step + 1))
-            history.append(_step_metrics(results))
+            history.append(step_metrics(results))
         result = PreferenceResult(steps=steps, pairs_acked=acked, seconds=time.monotonic() - started,
                                   history=history)
         policy = build_causal_lm(config.lm)
@@ -155,16 +142,14 @@ def _train(rule: Rule, config: PreferenceConfig, text_task: Any, steps: int, see
             queue.drop()
 
 
-def _step_metrics(results: Any) -> dict[str, float]:
+PAIR_METRICS = ("preference_loss", "logratio_margin", "margin_accuracy", "pairs")  # PreferenceLearner's logged values
+
+
+def step_metrics(results: Any, keys: Sequence[str] = PAIR_METRICS) -> dict[str, float]:
     """The learner's logged values of one update (results of all learners reduced by RLlib)."""
     learner = results[0] if isinstance(results, list) else results
-    stats = learner.get("default_policy", {})
-    out = {}
-    for key in ("preference_loss", "logratio_margin", "margin_accuracy", "pairs"):
-        if key in stats:
-            value = stats[key]
-            out[key] = float(value.peek() if hasattr(value, "peek") else value)
-    return out
+    stats = learner.get(DEFAULT_MODULE_ID, {})
+    return {k: float(stats[k].peek() if hasattr(stats[k], "peek") else stats[k]) for k in keys if k in stats}
 
 
 def run_learning_check(rule: Rule, seeds: int = 1) -> dict[str, Any]:
@@ -182,11 +167,4 @@ def run_learning_check(rule: Rule, seeds: int = 1) -> dict[str, Any]:
         per_seed.append({"seed": seed, "reached": result.evaluation["win_rate"] >= check.threshold,
                          "return": result.evaluation["win_rate"], "env_steps": result.pairs_acked,
                          "wall_s": result.seconds, **result.evaluation})
-    wins = [s["return"] for s in per_seed]
-    return {
-        "rule": rule.name, "papers": list(rule.paper_ids), "env": check.env, "budget": check.steps,
-        "threshold": check.threshold, "source": check.source, "seeds": seeds, "eval_prompts": CHECK_EVAL_PROMPTS,
-        "return_mean": float(np.mean(wins)), "return_min": min(wins), "win_rate": float(np.mean(wins)),
-        "passed": all(s["reached"] for s in per_seed), "wall_s": sum(s["wall_s"] for s in per_seed),
-        "per_seed": per_seed,
-    }
+    return check_row(rule, per_seed)

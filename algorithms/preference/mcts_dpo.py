@@ -35,11 +35,10 @@ from algorithms.preference.base import PREFERENCE_OPTIONS, VALID, PreferenceConf
 from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, CHECK_TASK, WIN_RATE_THRESHOLD
 from algorithms.preference.dpo import dpo_loss
 from algorithms.preference.generation import PairProducer, win_rate
-from algorithms.preference.loop import PreferenceResult, _redis_url
+from algorithms.preference.loop import PAIR_METRICS, PreferenceResult, redis_url, step_metrics
 from algorithms.preference.module import PAIR_COLUMNS
 from algorithms.preference.step_search import search, step_pairs
-from algorithms.preference.structured_loop import (PAIR_METRICS, label_everything,
-                                                   learn_from_queue, preference_run, run_check, step_metrics)
+from algorithms.preference.structured_loop import label_everything, learn_from_queue, preference_run, run_check
 from algorithms.rule import LearningCheck, Rule
 from envs.text_tasks import PAD_ID, ReverseDigits, encode, make_task
 from services.preferences import LabelledPair, Pair, PreferenceQueue
@@ -122,7 +121,7 @@ def train_mcts_dpo(rule: Rule, steps: int = 24, seed: int = 0, overrides: dict[s
                         lambda: PreferenceQueue(namespace=f"pref-mcts-{uuid.uuid4().hex[:8]}")) as run:
         config, task, queue = run.config, run.task, run.store
         run.producer = RemoteTreeSearchProducer.remote(config.lm, config.text_task, queue.namespace,
-                                                       _redis_url(queue), config.temperature, seed)
+                                                       redis_url(queue), config.temperature, seed)
         judge, consumer = queue.judge("tree-judge"), queue.learner("learner-driver")
         history, acked, updates, iteration = [], 0, 0, 0
         while updates < steps:

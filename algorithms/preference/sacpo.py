@@ -32,9 +32,8 @@ from algorithms.preference.base import PREFERENCE_OPTIONS, PreferenceConfig, Pre
 from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, WIN_RATE_THRESHOLD
 from algorithms.preference.dpo import dpo_loss
 from algorithms.preference.generation import PairProducer, judge_verdict, win_rate
-from algorithms.preference.loop import PreferenceResult, _redis_url
-from algorithms.preference.structured_loop import (PAIR_METRICS, label_everything,
-                                                   learn_from_queue, preference_run, run_check, step_metrics)
+from algorithms.preference.loop import PAIR_METRICS, PreferenceResult, redis_url, step_metrics
+from algorithms.preference.structured_loop import label_everything, learn_from_queue, preference_run, run_check
 from algorithms.rule import LearningCheck, Rule
 from envs.text_safety import SafeReverseDigits, SafetyView
 from envs.text_tasks import BradleyTerryJudge
@@ -114,7 +113,7 @@ def train_sacpo(rule: Rule, steps: int = 24, seed: int = 0, overrides: dict[str,
     with preference_run(rule, overrides, seed, lambda c: SafeReverseDigits(), queue,
                         lambda: PreferenceQueue(namespace=f"pref-sacpo-{uuid.uuid4().hex[:8]}")) as run:
         config, task, queue = run.config, run.task, run.store
-        run.producer = RemoteTaskPairProducer.remote(config.lm, task, queue.namespace, _redis_url(queue),
+        run.producer = RemoteTaskPairProducer.remote(config.lm, task, queue.namespace, redis_url(queue),
                                                      config.temperature, seed)
         consumer, history, acked, version = queue.learner("learner-driver"), [], 0, 0
         step1: dict[str, float] = {}

@@ -19,40 +19,14 @@ import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-from algorithms.common.sequence import build_causal_lm
-from algorithms.preference.base import PreferenceConfig
-from algorithms.preference.checks import CHECK_EVAL_PROMPTS
+from algorithms.common.sequence import build_causal_lm, one_torch_thread
+from algorithms.preference.base import PreferenceConfig, make_config
+from algorithms.preference.checks import CHECK_EVAL_PROMPTS, check_row
 from algorithms.preference.generation import lm_state
 from algorithms.preference.loop import EVAL_SEED_OFFSET, SFT_DEMONSTRATIONS, PreferenceResult
 from algorithms.preference.sft import sft_train
 from algorithms.rule import Rule
 from services.preferences import Judge, LabelledPair, Learner
-
-PAIR_METRICS = ("preference_loss", "logratio_margin", "margin_accuracy", "pairs")  # PreferenceLearner's logged values
-
-
-def make_config(rule: Rule, overrides: dict[str, Any] | None, seed: int) -> PreferenceConfig:
-    """The rule's config with `overrides` (a typo is refused, never a silent new attribute), seeded, validated."""
-    config = rule.config_class()
-    for name, value in (overrides or {}).items():
-        if not hasattr(config, name):
-            raise ValueError(f"unknown option {name!r} for rule {rule.name}; valid: {', '.join(rule.option_names())}")
-        setattr(config, name, value)
-    config.debugging(seed=seed)
-    config.validate()
-    return config
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared machine: more threads only fight over the cores (see docs/preference-substrate.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 def sft_model(config: PreferenceConfig, task: Any, rng: np.random.Generator, seed: int) -> torch.nn.Module:
     """SFT on the task's noisy demonstrations: the reference policy and the starting point."""
@@ -107,13 +81,6 @@ def learn_from_queue(consumer: Learner, group: Any, count: int, min_idle_s: floa
         return 0, None
     results = group.update(batch=as_batch(columns(batch), len(batch)))
     return len(consumer.ack(batch).acked), results
-
-
-def step_metrics(results: Any, keys: Sequence[str]) -> dict[str, float]:
-    """The learner's logged values of one update (results of all learners reduced by RLlib)."""
-    learner = results[0] if isinstance(results, list) else results
-    stats = learner.get(DEFAULT_MODULE_ID, {})
-    return {k: float(stats[k].peek() if hasattr(stats[k], "peek") else stats[k]) for k in keys if k in stats}
 
 
 @dataclass
@@ -187,14 +154,7 @@ def run_check(rule: Rule, seeds: int, steps: int, train: Callable[..., Preferenc
         reached = result.evaluation["win_rate"] >= check.threshold and (extra is None or extra(result))
         per_seed.append({"seed": seed, "reached": bool(reached), "return": result.evaluation["win_rate"],
                          "env_steps": result.pairs_acked, "wall_s": time.monotonic() - started, **result.evaluation})
-    wins = [s["return"] for s in per_seed]
-    return {
-        "rule": rule.name, "papers": list(rule.paper_ids), "env": check.env, "budget": check.steps,
-        "threshold": check.threshold, "source": check.source, "seeds": seeds, "eval_prompts": CHECK_EVAL_PROMPTS,
-        "return_mean": float(np.mean(wins)), "return_min": min(wins), "win_rate": float(np.mean(wins)),
-        "passed": all(s["reached"] for s in per_seed), "wall_s": sum(s["wall_s"] for s in per_seed),
-        "per_seed": per_seed,
-    }
+    return check_row(rule, per_seed)
 
 
 def kill_quietly(actor: Any) -> None:

@@ -165,3 +165,13 @@ def redis_from_env(
     if url:
         return redis.Redis.from_url(url)
     return embedded_server(db_path, appendonly=appendonly, appendfsync=appendfsync).client()
+
+
+def client_url(client: redis.Redis) -> str:
+    """How another process reaches the server `client` talks to (a unix socket or host:port URL, db kept), for its
+    `REDIS_URL`: Ray actors then use the driver's server (the embedded one too) and never start their own."""
+    kwargs = client.connection_pool.connection_kwargs
+    db = kwargs.get("db", 0)
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={db}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
