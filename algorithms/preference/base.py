@@ -261,6 +261,12 @@ class AnchoredPreferenceLearner(PreferenceLearner):
         return {k: v.detach().cpu().numpy() for k, v in self._anchors[module_id].state_dict().items()}
 
 
+def pair_width(task: ReverseDigits) -> int:
+    """Tokens in a row of a pair batch: bos + prompt + the longest response. Fixed by the task, so every shard over
+    several learners has the same shape."""
+    return 1 + len(task.prompt("0" * task.length)) + task.max_new_tokens
+
+
 def pair_columns(task: ReverseDigits, pairs: Sequence[LabelledPair]) -> dict[str, np.ndarray]:
     """(B, 2, T) columns of labelled text pairs, chosen response first (ties keep their order, VALID False).
     T is fixed by the task, so every shard over several learners has the same shape."""
@@ -272,7 +278,7 @@ def pair_columns(task: ReverseDigits, pairs: Sequence[LabelledPair]) -> dict[str
         prompts += [prompt, prompt]
         responses += [task.response_ids(first), task.response_ids(second)]
         valid.append(not tie)
-    width = 1 + len(task.prompt("0" * task.length)) + task.max_new_tokens
+    width = pair_width(task)
     padded = pad_pairs(prompts, responses, PAD_ID, side="right", length=width)
     cols = {c: padded[c].numpy().reshape(len(pairs), 2, width) for c in PAIR_COLUMNS}
     cols[VALID] = np.asarray(valid, dtype=bool)

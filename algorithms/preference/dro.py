@@ -38,7 +38,7 @@ from torch import nn
 from algorithms.common.losses import masked_mean
 from algorithms.common.sequence import build_causal_lm, pad_pairs
 from algorithms.options import Option, positive
-from algorithms.preference.base import PREFERENCE_OPTIONS, PreferenceConfig, PreferenceLearner
+from algorithms.preference.base import PREFERENCE_OPTIONS, PreferenceConfig, PreferenceLearner, pair_width
 from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, CHECK_TASK, WIN_RATE_THRESHOLD
 from algorithms.preference.feedback_store import FeedbackStore, Rated
 from algorithms.preference.generation import lm_state, sample_texts, win_rate
@@ -130,7 +130,7 @@ def thumbs(task: ReverseDigits) -> Any:
 
 def single_columns(task: ReverseDigits, batch: list[Rated]) -> dict[str, np.ndarray]:
     """(B, 1, T) LM columns (pair_logprobs works on any k), the prompt tokens (B, P) and the reward (B,)."""
-    width = 1 + len(task.prompt("0" * task.length)) + task.max_new_tokens
+    width = pair_width(task)
     prompts = [task.prompt_ids(r.prompt) for r in batch]
     padded = pad_pairs(prompts, [task.response_ids(r.response) for r in batch], PAD_ID, side="right", length=width)
     cols = {c: padded[c].numpy().reshape(len(batch), 1, width) for c in PAIR_COLUMNS}

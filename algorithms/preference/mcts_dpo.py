@@ -31,7 +31,7 @@ import ray
 
 from algorithms.common.sequence import pad_pairs
 from algorithms.options import Option, positive
-from algorithms.preference.base import PREFERENCE_OPTIONS, VALID, PreferenceConfig
+from algorithms.preference.base import PREFERENCE_OPTIONS, PreferenceConfig, VALID, pair_width
 from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, CHECK_TASK, WIN_RATE_THRESHOLD
 from algorithms.preference.dpo import dpo_loss
 from algorithms.preference.generation import PairProducer, win_rate
@@ -98,7 +98,7 @@ def tree_verdict(pair: Pair) -> int:
 def step_pair_columns(task: ReverseDigits, pairs: Sequence[LabelledPair]) -> dict[str, np.ndarray]:
     """(B, 2, T) columns of step pairs: the prompt is task prompt + prefix, each response ONE step token (no eos
     appended: "$" is itself the eos step)."""
-    width = 1 + len(task.prompt("0" * task.length)) + task.max_new_tokens
+    width = pair_width(task)
     prompts, responses, valid = [], [], []
     for p in pairs:
         tie = p.label.preferred == "tie"
