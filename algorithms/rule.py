@@ -36,6 +36,13 @@ class LearningCheck:
     source: str  # where the threshold comes from (paper claim or well-known baseline)
     overrides: dict[str, Any] = field(default_factory=dict)
     prior: PriorRun | None = None  # a run to train first, whose run directory the check's rule is given
+    # What "mean return" means (cluster/train.py, SCORES): "train_window" = the mean return of the last 100
+    # training episodes (with the rule's exploration); "greedy_eval" = the mean return of `eval_episodes` greedy
+    # (explore=False) episodes on an RLlib evaluation EnvRunner, every `eval_interval` iterations, as the DQN paper
+    # and RL-Baselines3-Zoo score value-based agents (their epsilon-greedy training episodes understate the policy).
+    score: str = "train_window"
+    eval_episodes: int = 10
+    eval_interval: int = 2
 
 
 @dataclass(frozen=True)

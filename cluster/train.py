@@ -30,6 +30,10 @@ METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "curve.png"
 KEEP_CHECKPOINTS = 5
 SMOOTHING_EPISODES = 100  # the stop criterion and the reported return average over this many episodes
+# What the stop criterion and the reported return measure: the mean return of the last SMOOTHING_EPISODES training
+# episodes (with the rule's exploration), or the mean return of greedy evaluation episodes (explore=False) on an
+# RLlib evaluation EnvRunner, as the DQN paper (Mnih et al. 2015) and RL-Baselines3-Zoo score value-based agents.
+SCORES = ("train_window", "greedy_eval")
 # Learner result keys copied into metrics.jsonl when a rule reports them.
 LOSS_KEYS = (
     "total_loss", "policy_loss", "vf_loss", "entropy", "mean_kl_loss", "approx_kl", "clip_fraction",
@@ -89,6 +93,26 @@ def smoothed_return(history: list[dict[str, Any]], window: int = SMOOTHING_EPISO
         if episodes >= window:
             break
     return total / episodes if episodes else None
+
+
+def configure_greedy_eval(config, episodes: int, interval: int) -> None:
+    """RLlib evaluation for the "greedy_eval" score: every `interval` iterations, `episodes` whole episodes with
+    explore=False on one EnvRunner in the driver (no extra actor), its weights synced from the learner first."""
+    if episodes < 1 or interval < 1:
+        raise UserError(f"greedy evaluation needs episodes >= 1 and interval >= 1, got {episodes}, {interval}")
+    config.evaluation(
+        evaluation_interval=interval, evaluation_duration=episodes, evaluation_duration_unit="episodes",
+        evaluation_num_env_runners=0,
+        # The smoothing window = one evaluation's episodes, so the reported mean never mixes in earlier evaluations.
+        evaluation_config={"explore": False, "metrics_num_episodes_for_smoothing": episodes},
+    )
+
+
+def greedy_eval_return(result: dict[str, Any]) -> float | None:
+    """Mean return of the latest greedy evaluation's episodes (None before the first one; RLlib's result repeats the
+    latest evaluation in the iterations between two evaluations)."""
+    value = result.get("evaluation", {}).get("env_runners", {}).get("episode_return_mean")
+    return None if value is None or math.isnan(value) else float(value)
 
 
 def iteration_record(result: dict[str, Any], iteration: int, elapsed_s: float, steps_before: int,
@@ -169,8 +193,14 @@ def train(
     resume: str | Path | None = None,
     checkpoint_every: int = 10,
     progress: bool = True,
+    score: str | None = None,
+    eval_episodes: int = 10,
+    eval_interval: int = 2,
 ) -> TrainResult:
-    """Train until the mean return reaches `stop_return` or `stop_steps` env steps; Ctrl-C stops cleanly."""
+    """Train until the mean return reaches `stop_return` or `stop_steps` env steps; Ctrl-C stops cleanly.
+
+    `score` (SCORES; default "train_window") says which mean return is meant: the last 100 training episodes', or
+    ("greedy_eval") that of `eval_episodes` greedy episodes evaluated every `eval_interval` iterations."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # An ignored SIGINT inherited from a parent (a shell's `cmd &`, a Ray job) would make Ctrl-C and
         # `rlfleet stop` kill the run without its final checkpoint.
@@ -189,6 +219,9 @@ def train(
         config, options = build_config(rule, env_id, seed, overrides, typed_overrides=run_config["options"])
         stop_return = stop_return if stop_return is not None else run_config.get("stop_return")
         stop_steps = stop_steps if stop_steps is not None else run_config.get("stop_steps")
+        score = score or run_config.get("score", "train_window")
+        eval_episodes = int(run_config.get("eval_episodes", eval_episodes))
+        eval_interval = int(run_config.get("eval_interval", eval_interval))
     else:
         if algo_name is None or env_id is None:
             raise UserError("train needs --algo and --env (or --resume RUN_DIR)")
@@ -207,12 +240,20 @@ def train(
             options["replay_namespace"] = run_dir.name
     if stop_return is None and stop_steps is None:
         raise UserError("give --stop-return, --stop-steps or both, so training has an end")
+    score = score or "train_window"
+    if score not in SCORES:
+        raise UserError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
+    if score == "greedy_eval":
+        configure_greedy_eval(config, eval_episodes, eval_interval)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     run_config = {
         "algo": rule.name, "env": env_id, "seed": seed, "options": options,
         "stop_return": stop_return, "stop_steps": stop_steps, "family": rule.family, "paper_ids": list(rule.paper_ids),
+        "score": score,
     }
+    if score == "greedy_eval":
+        run_config |= {"eval_episodes": eval_episodes, "eval_interval": eval_interval}
     (run_dir / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
 
     ensure_ray()
@@ -221,17 +262,22 @@ def train(
     if checkpoints:
         algo.restore_from_path(str(checkpoints[-1]))
         sync_runner_weights(algo)
-    return _train_loop(algo, rule, env_id, run_dir, history, stop_return, stop_steps, checkpoint_every, progress)
+    return _train_loop(algo, rule, env_id, run_dir, history, stop_return, stop_steps, checkpoint_every, progress,
+                       greedy=score == "greedy_eval")
 
 
 def _train_loop(algo, rule: Rule, env_id: str, run_dir: Path, history: list[dict[str, Any]],
                 stop_return: float | None, stop_steps: int | None, checkpoint_every: int,
-                progress: bool) -> TrainResult:
+                progress: bool, greedy: bool = False) -> TrainResult:
     from tqdm import tqdm
 
     iteration = history[-1]["iteration"] if history else 0
     env_steps = history[-1]["env_steps"] if history else 0
-    mean_return = smoothed_return(history) if history else None
+    if greedy:  # the score is the latest greedy evaluation
+        mean_return = next((h["greedy_return_mean"] for h in reversed(history)
+                            if h.get("greedy_return_mean") is not None), None)
+    else:
+        mean_return = smoothed_return(history) if history else None
     mean_return = float("nan") if mean_return is None else mean_return
     elapsed_before = history[-1]["time_s"] if history else 0.0
     bar = tqdm(total=stop_steps, initial=env_steps, unit="step", disable=not progress, dynamic_ncols=True,
@@ -254,8 +300,11 @@ def _train_loop(algo, rule: Rule, env_id: str, run_dir: Path, history: list[dict
                 history.append(record)
                 smoothed = smoothed_return(history)
                 record["return_mean_100"] = smoothed
-                if smoothed is not None:
-                    mean_return = smoothed
+                score = smoothed
+                if greedy:
+                    score = record["greedy_return_mean"] = greedy_eval_return(result)
+                if score is not None:
+                    mean_return = score
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 exporter.export(result, record)

@@ -19,7 +19,8 @@ def _check(name: str, tmp_path) -> None:
     check = RULES[name].learning_check
     overrides, _ = check_overrides(RULES[name], 0, tmp_path)
     result = train(name, check.env, stop_return=check.threshold, stop_steps=check.steps, seed=0,
-                   runs_dir=tmp_path, progress=False, overrides=overrides)
+                   runs_dir=tmp_path, progress=False, overrides=overrides, score=check.score,
+                   eval_episodes=check.eval_episodes, eval_interval=check.eval_interval)
     assert result.reached_return, (
         f"{name} on {check.env}: mean return {result.episode_return_mean:.1f} after {result.env_steps} steps, "
         f"needs {check.threshold} within {check.steps}"

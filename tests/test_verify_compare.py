@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -60,3 +61,41 @@ def test_compare_two_rules_two_seeds(ray_session, tmp_path):
     out = tmp_path / next(p.name for p in tmp_path.iterdir())
     assert (out / "compare.png").stat().st_size > 1000
     assert "| ppo |" in (out / "compare.md").read_text()
+
+
+def test_greedy_eval_configures_an_evaluation_env_runner_without_exploration():
+    from algorithms.offpolicy.dqn import DQNRuleConfig
+    from cluster.train import configure_greedy_eval, greedy_eval_return
+
+    config = DQNRuleConfig()
+    configure_greedy_eval(config, episodes=7, interval=3)
+    evaluation = config.get_evaluation_config_object()
+    assert evaluation.explore is False and config.explore is True  # training keeps its epsilon-greedy acting
+    assert (config.evaluation_interval, config.evaluation_duration) == (3, 7)
+    assert config.evaluation_duration_unit == "episodes"
+    assert evaluation.metrics_num_episodes_for_smoothing == 7  # one evaluation's episodes, never older ones
+    assert greedy_eval_return({"evaluation": {"env_runners": {"episode_return_mean": 12.5}}}) == 12.5
+    assert greedy_eval_return({"env_runners": {"episode_return_mean": 12.5}}) is None  # no evaluation yet
+    assert greedy_eval_return({"evaluation": {"env_runners": {"episode_return_mean": float("nan")}}}) is None
+
+
+def test_verify_greedy_eval_scores_evaluation_episodes(ray_session, tmp_path, monkeypatch):
+    from cluster.train import read_history
+
+    smoke = {"learning_starts": 64, "rollout_fragment_length": 128, "samples_per_insert": 1.0}
+    check = LearningCheck("CartPole-v1", 2000, 1e9, "impossible", smoke, score="greedy_eval", eval_episodes=2,
+                          eval_interval=1)
+    greedy = dataclasses.replace(registry.RULES["dqn"], name="dqn-greedy", family="test-greedy",
+                                 learning_check=check)
+    monkeypatch.setitem(registry.RULES, "dqn-greedy", greedy)
+    rows, path = verify("test-greedy", seeds=1, out_dir=tmp_path / "docs", runs_dir=tmp_path / "runs")
+    row = rows[0]
+    assert row["score"] == "greedy_eval (2 episodes every 1 iterations)" and not row["passed"]
+    history = read_history(Path(row["per_seed"][0]["run_dir"]))
+    scores = [h["greedy_return_mean"] for h in history]
+    # Every iteration evaluated two whole CartPole episodes (each lasts 8 to 500 steps); the score is the last one,
+    # not the training window's.
+    assert len(scores) >= 2 and all(s is not None and 8 <= s <= 500 for s in scores)
+    assert row["return_mean"] == scores[-1]
+    assert row["per_seed"][0]["train_window_return"] == history[-1]["return_mean_100"]
+    assert "(score: greedy_eval (2 episodes every 1 iterations))" in path.read_text()

@@ -132,11 +132,10 @@ RULE = Rule(
         Option("reg_weight", "k of DQNReg's k Q(s, a) + delta^2", non_negative, ">= 0"),
     ),
     learning_check=LearningCheck(
-        env="CartPole-v1", steps=100_000, threshold=475.0,
-        source="P241 figure 4: DQNReg matches or beats DQN on CartPole; the dqn rule's baseline (RL-Baselines3-Zoo "
-               "DQN CartPole-v1, 5e4 steps, mean return 500) and CartPole-v1's reward_threshold 475"
-               "; budget 100k = the zoo's 50k to learn + 50k for the window of the score (the mean of the "
-               "last 100 training episodes, up to 50k steps on CartPole)",
+        env="CartPole-v1", steps=50_000, threshold=475.0, score="greedy_eval", eval_episodes=10, eval_interval=2,
+        source="P241 figure 4: DQNReg matches or beats DQN on CartPole; the dqn rule's check (RL-Baselines3-Zoo "
+               "DQN CartPole-v1, 5e4 steps, benchmark mean return 500 on greedy episodes) and CartPole-v1's "
+               "reward_threshold 475, scored like it on 10 greedy evaluation episodes",
     ),
     smoke_overrides=DQN_RULE.smoke_overrides,
 )

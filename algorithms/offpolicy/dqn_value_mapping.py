@@ -216,10 +216,9 @@ RULE = Rule(
         Option("huber_delta", "Huber threshold of the mapped TD error", positive, "> 0"),
     ),
     learning_check=LearningCheck(
-        env="CartPole-v1", steps=100_000, threshold=475.0,
-        source="the dqn rule's check (RL-Baselines3-Zoo DQN CartPole-v1, CartPole-v1's reward_threshold 475); P233 "
-               "reports LogLinDQN at least matching DQN (Atari); budget 100k = the zoo's 50k to learn + 50k for the "
-               "window of the score (the mean of the last 100 training episodes)",
+        env="CartPole-v1", steps=50_000, threshold=475.0, score="greedy_eval", eval_episodes=10, eval_interval=2,
+        source="the dqn rule's check (RL-Baselines3-Zoo DQN CartPole-v1, 5e4 steps, CartPole-v1's reward_threshold "
+               "475, 10 greedy evaluation episodes); P233 reports LogLinDQN at least matching DQN (Atari)",
     ),
     smoke_overrides={"learning_starts": 64, "rollout_fragment_length": 128, "samples_per_insert": 1.0},
 )
