@@ -128,7 +128,16 @@ def _measured_at() -> dict[str, str]:
                                 check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    return {"date": datetime.date.today().isoformat(), "commit": commit}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"date": now.date().isoformat(), "measured_at": now.isoformat(timespec="seconds"), "commit": commit}
+
+
+def newer_row(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The later measurement of two rows of one rule (by `measured_at`; a row without it is older than one with
+    it, and between two such rows `b` wins), so a rule re-measured after a fix replaces its old row."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a if a.get("measured_at", "") > b.get("measured_at", "") else b
 
 
 def load_rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -150,8 +159,8 @@ def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verif
     The table goes to <out_dir>/<family>.md (<out_dir>/<rule>.md for a single rule, so a one-rule run never
     overwrites the family's table), its rows to <name>.json beside it, both rewritten after every rule so a long
     run that is stopped keeps what it measured. With `resume`, rules that already have a row measured with the
-    same seeds, env, budget and threshold, in this table's JSON or in the rule's own (`--algo`) JSON, are not run
-    again (their row keeps its date and commit)."""
+    same seeds, env, budget, threshold and score, in this table's JSON or in the rule's own (`--algo`) JSON (the
+    later of the two), are not run again (their row keeps its date and commit)."""
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     if only is not None:
@@ -166,10 +175,12 @@ def verify(family: str | None, seeds: int = 1, out_dir: str | Path = "docs/verif
     name = only or family or "all"
     path, rows_path = out / f"{name}.md", out / f"{name}.json"
     earlier: dict[str, dict[str, Any]] = {}
-    if resume:  # rows of single-rule runs (<rule>.json), then of earlier runs of this same table, which win
+    if resume:  # rows of earlier runs of this table and of single-rule runs (<rule>.json): the later one wins
+        earlier = load_rows(rows_path)
         for rule in rules:
-            earlier |= load_rows(out / f"{rule.name}.json")
-        earlier |= load_rows(rows_path)
+            single = load_rows(out / f"{rule.name}.json").get(rule.name)
+            if single is not None:
+                earlier[rule.name] = newer_row(earlier.get(rule.name), single)
     rows: list[dict[str, Any]] = []
     for rule in rules:
         row = earlier.get(rule.name)

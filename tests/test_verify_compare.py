@@ -99,3 +99,15 @@ def test_verify_greedy_eval_scores_evaluation_episodes(ray_session, tmp_path, mo
     assert row["return_mean"] == scores[-1]
     assert row["per_seed"][0]["train_window_return"] == history[-1]["return_mean_100"]
     assert "(score: greedy_eval (2 episodes every 1 iterations))" in path.read_text()
+
+
+def test_resume_keeps_the_later_of_a_family_row_and_a_single_rule_row() -> None:
+    from rlfleet.verify import newer_row
+
+    old = {"rule": "r", "return_mean": 1.0}  # measured before rows carried a time
+    family = {"rule": "r", "return_mean": 2.0, "measured_at": "2026-11-21T10:00:00+00:00"}
+    single = {"rule": "r", "return_mean": 3.0, "measured_at": "2026-11-21T12:00:00+00:00"}
+    assert newer_row(family, single) is single and newer_row(single, family) is single
+    assert newer_row(old, family) is family and newer_row(family, old) is family
+    assert newer_row(old, dict(old)) is not old  # neither timed: the single-rule row (second) wins
+    assert newer_row(None, family) is family and newer_row(family, None) is family
