@@ -100,6 +100,9 @@ def format_table(rows: list[dict[str, Any]], title: str) -> str:
         "line below says `score: greedy_eval`: then it is the mean of that many greedy (explore=False) evaluation",
         "episodes on an RLlib evaluation EnvRunner, run every few iterations, as the DQN paper and",
         "RL-Baselines3-Zoo score value-based agents; the check stops at the first evaluation at the threshold.",
+        "Rules with their own loop (preference rules) say what their score is in their line below (e.g. the win rate",
+        "against the SFT reference under the scripted judge, a reward model's held-out accuracy, or a control task's",
+        "true return after learning only from preferences); their budget counts labelled pairs or env steps.",
         "",
         "| rule | paper | env | budget (steps) | seeds | return reached (mean / min) | threshold | pass | wall time "
         "| measured |",
@@ -108,12 +111,17 @@ def format_table(rows: list[dict[str, Any]], title: str) -> str:
     for r in rows:
         lines.append(
             f"| {r['rule']} | {', '.join(r['papers'])} | {r['env']} | {r['budget']:,} | {r['seeds']} | "
-            f"{r['return_mean']:.1f} / {r['return_min']:.1f} | {r['threshold']:g} | "
+            f"{_score_text(r['return_mean'])} / {_score_text(r['return_min'])} | {r['threshold']:g} | "
             f"{'pass' if r['passed'] else 'FAIL'} | {r['wall_s']:.0f} s | {r.get('date', '?')} {r.get('commit', '')} |"
         )
     lines += ["", "Thresholds and where they come from:", ""]
     lines += [f"- {r['rule']}: {_score_note(r)}{r['source']}" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _score_text(value: float) -> str:
+    """Returns to one decimal; small scores (win rates, accuracies, returns of a few units) to three."""
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def _score_note(row: dict[str, Any]) -> str:
