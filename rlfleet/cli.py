@@ -150,6 +150,7 @@ def cmd_algos(args: argparse.Namespace) -> int:
             "name": rule.name, "family": rule.family, "summary": rule.summary,
             "papers": [{"id": pid, "title": paper_title(pid)} for pid in rule.paper_ids],
             "learning_check": {"env": check.env, "steps": check.steps, "threshold": check.threshold,
+                               "score": check.score if rule.trains_on_env_steps else "own loop (see source)",
                                "source": check.source},
             "options": rule_defaults(rule),
         })
@@ -161,7 +162,11 @@ def cmd_algos(args: argparse.Namespace) -> int:
         check = e["learning_check"]
         print(f"{e['name']:<6} {e['family']:<13} {papers}")
         print(f"       {e['summary']}")
-        print(f"       learning check: {check['env']}, return >= {check['threshold']:g} within {check['steps']} steps")
+        what = {"train_window": "mean return of the last 100 training episodes",
+                "greedy_eval": "mean return of greedy evaluation episodes"}.get(check["score"], "score")
+        units = "env steps" if check["score"] in ("train_window", "greedy_eval") else "steps (pairs or env steps)"
+        print(f"       learning check: {check['env']}, {what} >= {check['threshold']:g} within {check['steps']:,} "
+              f"{units}")
         print("       options: " + ", ".join(f"{k}={v}" for k, v in e["options"].items()))
     return 0
 
