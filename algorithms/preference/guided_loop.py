@@ -29,7 +29,7 @@ import torch
 
 from algorithms.common.guided_decoding import GUIDES, GuidedLM
 from algorithms.common.sequence import build_causal_lm
-from algorithms.preference.base import PreferenceConfig
+from algorithms.preference.base import PreferenceConfig, make_config
 from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, CHECK_TASK, WIN_RATE_THRESHOLD
 from algorithms.preference.generation import RemotePairProducer, sample_texts, win_rate
 from algorithms.preference.loop import EVAL_SEED_OFFSET, SFT_DEMONSTRATIONS, redis_url, train_preference
@@ -81,23 +81,10 @@ class GuidedRun:
         return build_value_model(self.lm, self.base)
 
 
-def _config(rule: Rule, task: str | None, seed: int, overrides: dict[str, Any] | None) -> PreferenceConfig:
-    config: PreferenceConfig = rule.config_class()
-    for name, value in (overrides or {}).items():
-        if not hasattr(config, name):
-            raise ValueError(f"unknown option {name!r} for rule {rule.name}; valid: {', '.join(rule.option_names())}")
-        setattr(config, name, value)
-    if task is not None:
-        config.text_task = task
-    config.debugging(seed=seed)
-    config.validate()
-    return config
-
-
 def train_guided(rule: Rule, task: str | None = None, steps: int = 24, seed: int = 0,
                  overrides: dict[str, Any] | None = None, queue: PreferenceQueue | None = None) -> GuidedRun:
     """Train the guide of `rule` ("genarm" or "vas") for `steps` steps of `pairs_per_step` pairs. Ray must be up."""
-    config = _config(rule, task, seed, overrides)  # refuse bad options before any work
+    config = make_config(rule, overrides, seed, text_task=task)  # refuse bad options before any work
     if rule.name == "genarm":
         started = time.monotonic()
         result = train_preference(rule, task, steps, seed, overrides, queue, evaluate=False)
