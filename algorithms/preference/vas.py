@@ -35,12 +35,13 @@ import torch
 
 from algorithms.common.guided_decoding import td_lambda_targets, token_values
 from algorithms.common.losses import masked_mean, value_loss
-from algorithms.common.sequence import build_causal_lm, pad_pairs
+from algorithms.common.sequence import build_causal_lm
 from algorithms.options import Option, non_negative, positive, unit_interval
 from algorithms.preference.base import PREFERENCE_OPTIONS, PreferenceConfig
 from algorithms.preference.guided_loop import guided_check
+from algorithms.preference.sft import fit_on_responses
 from algorithms.rule import Rule
-from envs.text_tasks import PAD_ID, ReverseDigits
+from envs.text_tasks import ReverseDigits
 
 
 def vas_value_loss(q: torch.Tensor, response_mask: torch.Tensor, reward: torch.Tensor,
@@ -71,24 +72,14 @@ def fit_value(model: torch.nn.Module, task: ReverseDigits, samples: Sequence[tup
     """Fit Q on (prompt, response, reward) samples with `vas_value_loss`; returns the loss of every step."""
     if not samples:
         raise ValueError("VAS needs at least one scored sample to fit its value model")
-    prompts = [task.prompt_ids(p) for p, _, _ in samples]
-    responses = [task.response_ids(r) for _, r, _ in samples]
     rewards = torch.tensor([float(r) for _, _, r in samples])
-    rng = np.random.default_rng(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        idx = rng.choice(len(samples), size=min(batch_size, len(samples)), replace=False)
-        batch = pad_pairs([prompts[i] for i in idx], [responses[i] for i in idx], PAD_ID, side="right")
+
+    def td_loss(batch: dict[str, torch.Tensor], idx: np.ndarray) -> torch.Tensor:
         q = token_values(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        loss = vas_value_loss(q, batch["response_mask"], rewards[idx], lam)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+        return vas_value_loss(q, batch["response_mask"], rewards[idx], lam)["loss"]
+
+    return fit_on_responses(model, task, [(p, r) for p, r, _ in samples], td_loss, steps=steps,
+                            batch_size=batch_size, lr=lr, seed=seed)
 
 
 class VASConfig(PreferenceConfig):
