@@ -27,15 +27,21 @@ def preference_check(paper_id: str) -> LearningCheck:
     )
 
 
-def check_row(rule: Rule, per_seed: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """A row in `rlfleet verify`'s format from the per-seed results ("return" is the check's score, e.g. the win
-    rate; "reached", "wall_s" per seed): passed when every seed reached the threshold."""
+def verify_row(rule: Rule, per_seed: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A row in `rlfleet verify`'s format from the per-seed results ("return" is the check's score; "reached",
+    "wall_s" per seed): passed when every seed reached the threshold."""
     check = rule.learning_check
     scores = [s["return"] for s in per_seed]
     return {
         "rule": rule.name, "papers": list(rule.paper_ids), "env": check.env, "budget": check.steps,
         "threshold": check.threshold, "source": check.source, "seeds": len(per_seed),
-        "eval_prompts": CHECK_EVAL_PROMPTS, "return_mean": float(np.mean(scores)), "return_min": min(scores),
-        "win_rate": float(np.mean(scores)), "passed": all(s["reached"] for s in per_seed),
-        "wall_s": sum(s["wall_s"] for s in per_seed), "per_seed": per_seed, **extra,
+        "return_mean": float(np.mean(scores)), "return_min": min(scores),
+        "passed": all(s["reached"] for s in per_seed), "wall_s": sum(s["wall_s"] for s in per_seed),
+        "per_seed": per_seed, **extra,
     }
+
+
+def check_row(rule: Rule, per_seed: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """`verify_row` of a win-rate check (the score is the win rate on CHECK_EVAL_PROMPTS held-out prompts)."""
+    win_rate = float(np.mean([s["return"] for s in per_seed]))
+    return verify_row(rule, per_seed, eval_prompts=CHECK_EVAL_PROMPTS, win_rate=win_rate, **extra)

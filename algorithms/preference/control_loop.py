@@ -26,6 +26,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 
 from algorithms.common.config_fields import check_positive_ints
 from algorithms.options import Option, positive, unit_interval
+from algorithms.preference.checks import verify_row
 from algorithms.preference.control_collect import CategoricalPolicy, RemoteSegmentCollector, make_env
 from algorithms.preference.segments import SegmentTable, parse_segment_id
 from algorithms.rule import Rule
@@ -283,13 +284,6 @@ def run_seeds(rule: Rule, seeds: int, one_seed: Callable[[int], dict[str, Any]])
 
 
 def control_check_row(rule: Rule, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """A verify row (rlfleet.verify.run_check's shape): "return" is the env's TRUE mean return."""
-    check = rule.learning_check
-    returns = [s["return"] for s in per_seed]
-    return {
-        "rule": rule.name, "papers": list(rule.paper_ids), "env": check.env, "budget": check.steps,
-        "threshold": check.threshold, "source": check.source, "seeds": len(per_seed),
-        "return_mean": float(np.mean(returns)), "return_min": min(returns),
-        "passed": all(s["return"] >= check.threshold for s in per_seed),
-        "wall_s": sum(s["wall_s"] for s in per_seed), "per_seed": per_seed,
-    }
+    """A verify row: "return" is the env's TRUE mean return, reached when it is at the threshold."""
+    threshold = rule.learning_check.threshold
+    return verify_row(rule, [s | {"reached": s["return"] >= threshold} for s in per_seed])

@@ -45,7 +45,8 @@ from algorithms.common.bradley_terry import em_reward_mixture, split_by_fit
 from algorithms.common.rloo import rloo_advantages
 from algorithms.common.sequence import build_causal_lm, pad_pairs
 from algorithms.options import Option, non_negative, positive
-from algorithms.preference.base import PreferenceConfig, pair_width
+from algorithms.preference.base import PreferenceConfig, make_config, pair_width
+from algorithms.preference.checks import verify_row
 from algorithms.preference.generation import lm_state, sample_texts
 from algorithms.preference.loop import EVAL_SEED_OFFSET
 from algorithms.preference.module import LOGP, PAIR_COLUMNS, pair_logprobs
@@ -53,10 +54,8 @@ from algorithms.preference.reward_head import RewardModel
 from algorithms.preference.reward_model import RM_OPTIONS, RewardModelConfig
 from algorithms.preference.rm_loop import (
     RewardModelGroups,
-    check_row,
     evaluate_reward_model,
     held_out_pairs,
-    make_config,
     replay_epochs,
     score_texts,
     step_metrics,
@@ -382,7 +381,7 @@ def run_maxmin_check(rule: Rule, seeds: int = 1) -> dict[str, Any]:
                          "env_steps": r["pairs_acked"], "wall_s": r["seconds"], "minority_gain": gain,
                          "minority_gain_se": gain_se,
                          **{k: v for k, v in r.items() if k not in ("history", "assignment", "seconds")}})
-    return check_row(rule, per_seed, MAXMIN_EVAL_PROMPTS)
+    return verify_row(rule, per_seed, eval_prompts=MAXMIN_EVAL_PROMPTS)
 
 
 MAXMIN_OPTIONS: tuple[Option, ...] = RM_OPTIONS + (

@@ -26,6 +26,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from algorithms.common.bradley_terry import bayes_label_accuracy, pairwise_accuracy
 from algorithms.common.sequence import build_causal_lm, pad_pairs
 from algorithms.preference.base import learner_batch, make_config
+from algorithms.preference.checks import verify_row
 from algorithms.preference.generation import RemotePairProducer, judge_verdict, sample_texts
 from algorithms.preference.loop import EVAL_SEED_OFFSET, SFT_DEMONSTRATIONS, redis_url
 from algorithms.preference.reward_head import RewardModel, reward_scores
@@ -251,19 +252,6 @@ def train_reward_models(rule: Rule, variants: Mapping[str, Mapping[str, Any]] | 
             queue.drop()
 
 
-def check_row(rule: Rule, per_seed: list[dict[str, Any]], eval_prompts: int) -> dict[str, Any]:
-    """A verify row ("return" = the check's score per seed)."""
-    check = rule.learning_check
-    scores = [s["return"] for s in per_seed]
-    return {
-        "rule": rule.name, "papers": list(rule.paper_ids), "env": check.env, "budget": check.steps,
-        "threshold": check.threshold, "source": check.source, "seeds": len(per_seed), "eval_prompts": eval_prompts,
-        "return_mean": float(np.mean(scores)), "return_min": min(scores),
-        "passed": all(s["reached"] for s in per_seed), "wall_s": sum(s["wall_s"] for s in per_seed),
-        "per_seed": per_seed,
-    }
-
-
 def run_reward_model_check(rule: Rule, seeds: int = 1, variants: Mapping[str, Mapping[str, Any]] | None = None
                            ) -> dict[str, Any]:
     """`rule.learning_check`: train on its number of labelled pairs, score = held-out accuracy vs the hidden
@@ -281,4 +269,4 @@ def run_reward_model_check(rule: Rule, seeds: int = 1, variants: Mapping[str, Ma
                          "env_steps": run.pairs_acked, "wall_s": run.seconds, **ours,
                          **{f"{name}_{k}": v for name, ev in run.evaluation.items() if name != rule.name
                             for k, v in ev.items()}})
-    return check_row(rule, per_seed, RM_EVAL_PROMPTS)
+    return verify_row(rule, per_seed, eval_prompts=RM_EVAL_PROMPTS)
