@@ -8,7 +8,7 @@ import redis
 from scipy import stats
 
 from conftest_replay import assert_consistent, namespace, rclient, replay_server, transition_schema, transitions  # noqa: F401
-from services.replay import RateLimiter, ReplayError, Sampler, Table, importance_weights
+from services.replay import KeyNotLive, RateLimiter, ReplayError, Sampler, Table, importance_weights
 from services.replay import table as table_module
 
 
@@ -145,3 +145,25 @@ def test_fifo_queue_blocks_writers_instead_of_evicting(rclient: redis.Redis, nam
     table.insert(transitions(4, 2), timeout=0.5)
     assert table.sample(4).keys.tolist() == [2, 3, 4, 5]
     assert table.info()["evicted"] == 0
+
+
+def test_get_reads_live_records_by_key_and_names_a_gone_one(rclient: redis.Redis, namespace: str) -> None:
+    table = Table.create(rclient, namespace, "t", transition_schema(), max_size=5, sampler="uniform", seed=4)
+    table.insert(transitions(0, 4))
+    table.insert(transitions(4, 3))  # 7 items into 5 slots: keys 0 and 1 were evicted
+    assert table.live_keys() == range(2, 7)
+    got = table.get([6, 2, 4])
+    np.testing.assert_array_equal(got["action"], [6, 2, 4])  # key k holds the k-th inserted item, in asked order
+    assert_consistent(got)
+    assert table.get([])["action"].shape == (0,)
+    before = table.info()
+    with pytest.raises(KeyNotLive, match=r"key 1 is not in the table \(live keys 2\.\.6\)") as gone:
+        table.get([3, 1])
+    assert (gone.value.key, gone.value.live) == (1, range(2, 7))
+    with pytest.raises(KeyNotLive, match="key 7 is not"):
+        table.get([7])
+    for bad in ([1.5], [-1], [[2]], ["2"]):
+        with pytest.raises(ReplayError, match="non-negative integers"):
+            table.get(bad)
+    after = table.info()  # a read by key is not a sample: nothing counted
+    assert (after["samples"], after["sample_calls"]) == (before["samples"], before["sample_calls"])

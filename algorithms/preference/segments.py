@@ -12,10 +12,8 @@ A segment is `length` consecutive steps of one episode of a discrete-action cont
 Only the scripted teacher and the final evaluation may read the HIDDEN fields: learners read segments through
 `SegmentTable.read(ids, LEARNER_FIELDS)`, which refuses hidden fields unless `teacher=True` is passed.
 
-Records are the replay service's packed numpy bytes (services/replay: Schema/Table, never pickle). The service
-samples but has no read-by-key, so `read` is one small Lua script of ours over the ring layout the service
-documents (services/replay/scripts.py: key k lives in slot k % capacity, chunk slot // slots_per_chunk); it
-checks, atomically, that every key is still live (head <= k < tail) and fails naming the first one that is not.
+Records are the replay service's packed numpy bytes (services/replay: Schema/Table, never pickle), read by key with
+`Table.get`, which checks atomically that every key is still live and fails naming the first one that is not.
 
 A segment's id, the string a preference pair carries as a "response", is ``seg-<key>``; `parse_segment_id`
 rejects anything else.
@@ -29,32 +27,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import redis
 
-from services.replay import Field, ReplayClient, ReplayError, Schema, Table
+from services.replay import Field, KeyNotLive, ReplayClient, ReplayError, Schema, Table
 
 HIDDEN_FIELDS = ("true_return", "optimal_advantage")
 LEARNER_FIELDS = ("obs", "action", "user", "episode")
 _SEGMENT_ID = re.compile(r"^seg-(0|[1-9][0-9]{0,15})$")
-
-_READ = r"""
-local st = redis.call('HMGET', KEYS[1], 'table_id', 'capacity', 'record_size', 'slots_per_chunk', 'head', 'tail')
-if not st[1] then return redis.error_reply('SEGMENTS_NOTABLE segment table does not exist') end
-if st[1] ~= ARGV[2] then return redis.error_reply('SEGMENTS_STALE segment table was dropped and created again') end
-local cap, rs, spc = tonumber(st[2]), tonumber(st[3]), tonumber(st[4])
-local head, tail = tonumber(st[5]), tonumber(st[6])
-local parts = {}
-for i = 3, #ARGV do
-  local k = tonumber(ARGV[i])
-  if k == nil or k < head or k >= tail then
-    return redis.error_reply('SEGMENTS_GONE segment seg-' .. ARGV[i] .. ' is not in the table (live keys ' ..
-      head .. '..' .. (tail - 1) .. ')')
-  end
-  local slot = k % cap
-  local offset = (slot % spc) * rs
-  parts[#parts + 1] = redis.call('GETRANGE', ARGV[1] .. 'data:' .. math.floor(slot / spc), offset, offset + rs - 1)
-end
-return table.concat(parts)
-"""
-
 
 def segment_schema(obs_dim: int, length: int) -> Schema:
     """The segment record (module docstring) for `obs_dim`-dimensional observations and `length` steps."""
@@ -88,7 +65,6 @@ class SegmentTable:
             raise ReplayError(f"table {table.name} is not a segment table (fields {list(names)})")
         self.table = table
         self.length = table.schema.fields[names.index("action")].shape[0]
-        self._read = table.redis.register_script(_READ)
 
     @classmethod
     def create(cls, client: redis.Redis, namespace: str, name: str, obs_dim: int, length: int,
@@ -105,8 +81,7 @@ class SegmentTable:
         return [segment_id(k) for k in self.table.insert(batch)]
 
     def live_ids(self) -> list[str]:
-        head, tail = (int(v) for v in self.table.redis.hmget(self.table.prefix + "state", "head", "tail"))
-        return [segment_id(k) for k in range(head, tail)]
+        return [segment_id(k) for k in self.table.live_keys()]
 
     def read(self, ids: Sequence[str], fields: Iterable[str] = LEARNER_FIELDS, *,
              teacher: bool = False) -> dict[str, np.ndarray]:
@@ -118,15 +93,13 @@ class SegmentTable:
         hidden = [f for f in fields if f in HIDDEN_FIELDS]
         if hidden and not teacher:
             raise PermissionError(f"field(s) {hidden} hold the hidden true reward: only the teacher may read them")
-        keys = [parse_segment_id(i) for i in ids]
-        if not keys:
-            return {f: np.empty((0, *self.table.schema.fields[self.table.schema.names.index(f)].shape)) for f in fields}
+        keys = np.array([parse_segment_id(i) for i in ids], dtype=np.int64)
         try:
-            data = self._read(keys=[self.table.prefix + "state"],
-                              args=[self.table.prefix, self.table.table_id, *keys])
-        except redis.ResponseError as exc:
-            raise ReplayError(str(exc).split(" ", 1)[-1]) from None
-        decoded = self.table.schema.decode(data, len(keys))
+            decoded = self.table.get(keys)
+        except KeyNotLive as exc:  # name the segment by its id, not by its table key
+            live = f"seg-{exc.live.start}..seg-{exc.live.stop - 1}" if exc.live else "none"
+            raise KeyNotLive(f"segment {segment_id(exc.key)} is not in the table (live ids {live})", exc.key,
+                             exc.live) from None
         return {f: decoded[f] for f in fields}
 
     def drop(self) -> None:

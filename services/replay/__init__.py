@@ -21,9 +21,10 @@ throughput benchmark against RLlib's in-process `EpisodeReplayBuffer`.
     keys = table.insert(batch)                             # {field: (n, *shape)}, all or nothing
     s = table.sample(256, timeout=30)                      # s.data, s.keys, s.probabilities, s.weights
     table.update_priorities(s.keys, np.abs(td_error) + 1e-6)
+    records = table.get(keys)                              # by key, atomically; KeyNotLive if evicted
 """
 
-from services.replay.errors import RateLimiterTimeout, ReplayError, SchemaError, TableNotFound
+from services.replay.errors import KeyNotLive, RateLimiterTimeout, ReplayError, SchemaError, TableNotFound
 from services.replay.schema import Field, Schema
 from services.replay.table import (
     COUNTERS,
@@ -39,6 +40,7 @@ from services.replay.table import (
 __all__ = [
     "COUNTERS",
     "Field",
+    "KeyNotLive",
     "RateLimiter",
     "RateLimiterTimeout",
     "ReplayClient",

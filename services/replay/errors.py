@@ -25,5 +25,13 @@ class TableNotFound(ReplayError):
     """No table of that name exists in that namespace (or it was dropped while a client held it)."""
 
 
+class KeyNotLive(ReplayError):
+    """A read by key named an item that is no longer (or never was) in the table: `key`, and the live `keys`."""
+
+    def __init__(self, message: str, key: int, live: range) -> None:
+        super().__init__(message)
+        self.key, self.live = key, live
+
+
 class RateLimiterTimeout(TimeoutError):
     """A blocking insert or sample waited `timeout` seconds and the rate limiter still did not allow it."""

@@ -277,6 +277,30 @@ return #touched
 """
 )
 
+# ARGV[3] = m float64 keys. Reply: the m records, in order, or 'RLFLEET_GONE <key> <head> <tail>' for the first
+# key that is not live.
+# A read by key is not a sample: it moves no counter and the rate limiter does not apply.
+GET = (
+    _PROLOGUE
+    + r"""
+local ks = ARGV[3]
+if #ks % 8 ~= 0 then return redis.error_reply('RLFLEET_LAYOUT keys length') end
+local recs = {}
+for i = 1, #ks / 8 do
+  local k = struct.unpack('<d', ks, (i - 1) * 8 + 1)
+  if k < head or k >= tail then
+    return redis.error_reply('RLFLEET_GONE ' .. fmt(k) .. ' ' .. fmt(head) .. ' ' .. fmt(tail))
+  end
+  local slot = k % cap
+  local off = (slot % spc) * rs
+  local rec = redis.call('GETRANGE', data_key(math.floor(slot / spc)), off, off + rs - 1)
+  if #rec ~= rs then error('RLFLEET_CORRUPT record of key ' .. fmt(k) .. ' is missing') end
+  recs[i] = rec
+end
+return table.concat(recs)
+"""
+)
+
 # ARGV[3] = 'insert' | 'sample', ARGV[4] = n. Reply: '' when allowed now, else the reason. Writes nothing.
 CHECK = (
     _PROLOGUE

@@ -55,7 +55,7 @@ import numpy as np
 import redis
 
 from services.replay import scripts
-from services.replay.errors import RateLimiterTimeout, ReplayError, SchemaError, TableNotFound
+from services.replay.errors import KeyNotLive, RateLimiterTimeout, ReplayError, SchemaError, TableNotFound
 from services.replay.schema import Schema
 
 FORMAT_VERSION = 1
@@ -234,6 +234,7 @@ class Table:
         self._sample = client.register_script(scripts.SAMPLE)
         self._update = client.register_script(scripts.UPDATE_PRIORITIES)
         self._check = client.register_script(scripts.CHECK)
+        self._get = client.register_script(scripts.GET)
 
     @property
     def schema(self) -> Schema:
@@ -449,6 +450,25 @@ class Table:
             table_size=int(size),
         )
 
+    def get(self, keys: Any) -> dict[str, np.ndarray]:
+        """The records of `keys` (as `insert` returned them), in order, read atomically: {field: (m, ...)}.
+        A key the FIFO remover or sampler has dropped (or never inserted) raises KeyNotLive, naming it. A read by
+        key is not a sample: no counter moves and the rate limiter does not apply."""
+        k = np.asarray(keys)
+        if k.ndim != 1 or not (k.size == 0 or np.issubdtype(k.dtype, np.integer)) or (k.size and k.min() < 0):
+            raise ReplayError(f"keys must be a 1-D array of non-negative integers, got {keys!r}")
+        if k.size == 0:
+            return self.schema.decode(b"", 0)
+        data = self._run(self._get, [k.astype("<f8").tobytes()])
+        return self.schema.decode(data, int(k.size))
+
+    def live_keys(self) -> range:
+        """The keys of the items in the table now: head .. tail - 1."""
+        head, tail = self.redis.hmget(self.prefix + "state", "head", "tail")
+        if tail is None:
+            raise TableNotFound(f"replay table {self.namespace}/{self.name} no longer exists")
+        return range(int(head), int(tail))
+
     def size(self) -> int:
         """Items in the table now (tail - head)."""
         head, tail = self.redis.hmget(self.prefix + "state", "head", "tail")
@@ -503,6 +523,10 @@ class Table:
             return TableNotFound(f"{where} was dropped and created again: open it again")
         if "RLFLEET_ZEROPRIO" in msg:
             return ReplayError(f"{where}: every priority is zero, nothing can be sampled")
+        if "RLFLEET_GONE" in msg:
+            key, head, tail = (int(float(x)) for x in msg[msg.index("RLFLEET_GONE") :].split()[1:4])
+            return KeyNotLive(f"{where}: key {key} is not in the table (live keys {head}..{tail - 1})", key,
+                              range(head, tail))
         if "RLFLEET_NOPRIO" in msg:
             return ReplayError(f"{where} samples {self.options.sampler.kind}: it has no priorities to update")
         if "RLFLEET_" in msg:
