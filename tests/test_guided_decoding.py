@@ -17,7 +17,7 @@ from algorithms.preference.guided_loop import (
     GuidedRun, load_guided_run, reward_verdict, run_guided_check, save_guided_run, train_guided,
 )
 from conftest_replay import namespace, rclient, replay_server  # noqa: F401
-from envs.text_tasks import EOS_ID, PAD_ID, ReverseDigits
+from envs.text_tasks import EOS_ID, PAD_ID, VOCAB, ReverseDigits
 from services.preferences import Pair, PreferenceQueue
 
 LOG = math.log
@@ -72,6 +72,33 @@ def test_arm_loss_by_hand() -> None:
     terms = genarm.arm_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-3.0, -1.0]), 0.5)
     assert terms["reward_margin"] == pytest.approx(torch.tensor([1.0, -1.0]))
     assert terms["loss"] == pytest.approx(torch.tensor([math.log1p(math.exp(-1)), math.log1p(math.e)]))
+
+
+class _UniformLM(torch.nn.Module):
+    """Logits all equal: every next token has probability 1 / 14 (the task's vocabulary)."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, len(VOCAB)))
+
+
+def test_arm_rewards_and_accuracy_by_hand() -> None:
+    task, uniform = ReverseDigits(), _UniformLM()
+    # 14 tokens in VOCAB (_ ^ $ > 0-9). "70" + eos = 3 response tokens, each log(1/14) = -2.639057:
+    # r = beta_r * 3 * -log 14 = 0.5 * -7.917172 = -3.958586;
+    # "70312" is cut at max_new_tokens = 5 (no eos): 5 tokens, r = 0.5 * 5 * -log 14 = -6.597643
+    r = genarm.arm_rewards(uniform, task, ["307>", "307>"], ["70", "70312"], 0.5)
+    assert r == pytest.approx([-3.958586, -6.597643], rel=1e-5)
+    # The uniform ARM's reward is -beta_r * (tokens) * log 14: it prefers the shorter response. Hidden scores (answer
+    # "703"): "703" 3 vs "7" 1 (4 vs 2 tokens: prefers "7", wrong); "1" 0 vs "713" 2 (prefers "1", wrong);
+    # "70" 2 vs "7" 1 (prefers "7", wrong): accuracy 0 / 3.
+    prompts, first, second = ["307>"] * 3, ["703", "1", "70"], ["7", "713", "7"]
+    assert genarm.arm_accuracy(uniform, task, prompts, first, second)["accuracy"] == 0.0
+    # minus itself: every reward difference is 0, a model tie counts half
+    assert genarm.arm_accuracy(uniform, task, prompts, first, second, minus=uniform)["accuracy"] == 0.5
+    # a pair of equal hidden scores carries no order and is left out
+    assert genarm.arm_accuracy(uniform, task, ["307>"], ["7"], ["100"])["scored_pairs"] == 0
 
 
 def test_vas_value_loss_by_hand() -> None:
@@ -138,6 +165,11 @@ def test_bad_options_are_refused_before_any_work() -> None:
         train_guided(genarm.RULE, steps=1, overrides={"guide_strength": -1.0})
     with pytest.raises(ValueError, match="pair_source must be 'reference'"):
         train_guided(genarm.RULE, steps=1, overrides={"pair_source": "policy"})
+    with pytest.raises(ValueError, match="arm_epochs must be an integer >= 1"):
+        train_guided(genarm.RULE, steps=1, overrides={"arm_epochs": 0})
+    for grid in ((), (0.5, -1.0), (True,)):
+        with pytest.raises(ValueError, match="strength_grid must be a non-empty list"):
+            train_guided(genarm.RULE, steps=1, overrides={"strength_grid": grid})
 
 
 # ---- run directories -------------------------------------------------------------------------------------
@@ -191,6 +223,10 @@ def test_smoke_through_ray_and_the_redis_queue(rule, ray_session, rclient, names
     assert len(queue.used(queue.epoch)) == 16
     assert queue.pending() == {"unlabelled": 0, "labelled": 0}
     assert all(math.isfinite(x) for x in run.history) and run.history
+    if rule is genarm.RULE:  # one update per batch and pass (2 batches, arm_epochs 2); strength from the grid
+        assert len(run.history) == 4
+        assert set(run.validation) == {"0.5", "1"} and run.strength in (0.5, 1.0)
+        assert run.strength == max((0.5, 1.0), key=lambda s: run.validation[f"{s:g}"])
     untrained = run.untrained_guide()
     changed = any(not torch.equal(a, b) for a, b in zip(run.guide.state_dict().values(),
                                                         untrained.state_dict().values()))

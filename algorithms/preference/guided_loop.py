@@ -1,7 +1,9 @@
 """The loop of the guided-decoding rules (GenARM P065, VAS P208): train a guide for a frozen SFT policy, decode.
 
-    GenARM: SFT -> loop.train_preference with the ARM as the LearnerGroup's policy (pairs from the frozen SFT
-            policy through the preference queue, labelled by the scripted judge) -> guide = the ARM
+    GenARM: SFT -> PairProducer (Ray actor, frozen SFT weights) --add--> preference queue --lease--> scripted
+            judge --labelled--> driver: claim -> LearnerGroup.update (the ARM, a copy of the SFT policy) -> ack;
+            then `arm_epochs - 1` shuffled replays of the acked pairs -> guide = the ARM; the strength is chosen
+            on validation prompts (`select_strength`) unless `guide_strength` fixes it
     VAS:    SFT -> PairProducer (Ray actor, frozen SFT weights) --add--> preference queue --lease--> the reward
             labels each pair --labelled--> learner consumer: read, claim, keep (prompt, response, reward), ack
             -> fit the value model (TD(lambda)) -> guide = the value model
@@ -9,8 +11,9 @@
 A `GuidedRun` holds the frozen base, the guide and how to combine them; `save_guided_run` writes it as a run
 directory (`guided.json` + `base.safetensors` + `guide.safetensors`, no pickle) that `load_guided_run` and
 the text serving endpoint (`services/text_serving.py`) read back. The learning check (`run_guided_check`)
-compares guided decoding with the unguided SFT policy under the scripted judge on held-out prompts, and reports
-the same comparison for the untrained guide as a control.
+scores guided decoding against the same decoding with the UNTRAINED guide at the same strength (the control) and
+against the unguided SFT policy, under the scripted judge on held-out prompts; for GenARM it also reports the
+ARM's Bradley-Terry accuracy on fresh pairs (`arm_accuracies`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,19 +31,21 @@ import ray
 import torch
 
 from algorithms.common.guided_decoding import GUIDES, GuidedLM
-from algorithms.common.sequence import build_causal_lm
-from algorithms.preference.base import PreferenceConfig, make_config
+from algorithms.common.sequence import build_causal_lm, one_torch_thread
+from algorithms.preference.base import PreferenceConfig, learner_batch, make_config
 from algorithms.preference.checks import CHECK_EVAL_PROMPTS, CHECK_PAIRS, CHECK_TASK, WIN_RATE_THRESHOLD, check_row
-from algorithms.preference.generation import RemotePairProducer, sample_texts, win_rate
-from algorithms.preference.loop import EVAL_SEED_OFFSET, SFT_DEMONSTRATIONS, redis_url, train_preference
+from algorithms.preference.generation import RemotePairProducer, lm_state, sample_texts, win_rate
+from algorithms.preference.loop import EVAL_SEED_OFFSET, SFT_DEMONSTRATIONS, redis_url, step_metrics
 from algorithms.preference.sft import sft_train
 from algorithms.rule import LearningCheck, Rule
 from envs.text_tasks import ReverseDigits, make_task
-from services.preferences import Pair, PreferenceQueue
+from services.preferences import LabelledPair, Pair, PreferenceQueue
 
 RUN_FILE = "guided.json"
 BASE_FILE, GUIDE_FILE = "base.safetensors", "guide.safetensors"
 RUN_FORMAT = 1
+VALIDATION_SEED_OFFSET = 20_000  # validation prompts (settings chosen after training): a stream of their own
+VALIDATION_PROMPTS = 256
 
 
 def guided_check(paper_id: str) -> LearningCheck:
@@ -64,11 +69,12 @@ class GuidedRun:
     task: str
     base: torch.nn.Module
     guide: torch.nn.Module
-    strength: float
+    strength: float | None
     top_k: int | None = None
     pairs_acked: int = 0
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)
+    validation: dict[str, float] = field(default_factory=dict)  # strength -> validation win rate vs the control
 
     def decoder(self, strength: float | None = None, guide: torch.nn.Module | None = None) -> GuidedLM:
         return GuidedLM(self.base, guide or self.guide, self.kind, self.strength if strength is None else strength,
@@ -88,12 +94,8 @@ def train_guided(rule: Rule, task: str | None = None, steps: int = 24, seed: int
     """Train the guide of `rule` ("genarm" or "vas") for `steps` steps of `pairs_per_step` pairs. Ray must be up."""
     config = make_config(rule, overrides, seed, text_task=task)  # refuse bad options before any work
     if rule.name == "genarm":
-        started = time.monotonic()
-        result = train_preference(rule, task, steps, seed, overrides, queue, evaluate=False)
-        history = [h.get("preference_loss", float("nan")) for h in result.history]
-        return GuidedRun("genarm", dict(config.lm), dict(config.lm), config.text_task, result.reference,
-                         result.policy, config.guide_strength, None, result.pairs_acked,
-                         time.monotonic() - started, history)
+        with one_torch_thread():
+            return _train_genarm(config, steps, seed, queue)
     if rule.name == "vas":
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny models on shared cores (see loop.train_preference)
@@ -102,6 +104,79 @@ def train_guided(rule: Rule, task: str | None = None, steps: int = 24, seed: int
         finally:
             torch.set_num_threads(threads)
     raise ValueError(f"rule {rule.name!r} is not a guided-decoding rule; known: {', '.join(GUIDES)}")
+
+
+def _train_genarm(config: PreferenceConfig, steps: int, seed: int, queue: PreferenceQueue | None,
+                  on_epoch: Callable[[int, torch.nn.Module], None] | None = None) -> GuidedRun:
+    """SFT, then the ARM (a copy of the SFT policy in a LearnerGroup) learns from `steps` batches of SFT-sample pairs
+    that pass through the queue (producer -> judge -> learner, acked after each update), then from `arm_epochs - 1`
+    shuffled replays of those acked pairs. `on_epoch(epoch, arm)` sees the ARM after every pass (diagnostics)."""
+    from algorithms.preference.rm_loop import judge_labeller, replay_epochs, stream_pairs, train_sft
+
+    started = time.monotonic()
+    task = make_task(config.text_task)
+    base = train_sft(config, task, seed)  # the same SFT policy as loop.train_preference's for this seed
+    base.requires_grad_(False)
+    own_queue = queue is None
+    queue = queue or PreferenceQueue(namespace=f"genarm-{uuid.uuid4().hex[:8]}")
+    group = None
+    history: list[float] = []
+
+    def arm() -> torch.nn.Module:
+        model = build_causal_lm(config.lm)
+        model.load_state_dict(lm_state(group.get_weights()["default_policy"]))
+        model.eval()
+        return model.requires_grad_(False)
+
+    def update(batch: list[LabelledPair]) -> None:
+        metrics = step_metrics(group.update(batch=learner_batch(task, batch)))
+        history.append(metrics.get("preference_loss", float("nan")))
+
+    try:
+        group = config.build_learner_group(rl_module_spec=config.get_default_rl_module_spec())
+        group.set_weights({"default_policy": {f"model.{k}": v.detach().numpy() for k, v in base.state_dict().items()}})
+        group.foreach_learner(lambda learner: learner.reset_reference())  # logged margins are then vs the SFT policy
+        pairs = stream_pairs(config, task, base, queue, judge_labeller(task, config.judge_beta, seed), steps, seed,
+                             update)
+        for epoch in range(1, config.arm_epochs + 1):
+            if epoch > 1:  # one shuffled replay per call, so `on_epoch` sees every pass
+                replay_epochs(pairs, 1, config.pairs_per_step, seed + epoch, update)
+            if on_epoch is not None:
+                on_epoch(epoch, arm())
+        guide = arm()
+    finally:
+        if group is not None:
+            group.shutdown()
+        if own_queue:
+            queue.drop()
+    run = GuidedRun("genarm", dict(config.lm), dict(config.lm), config.text_task, base, guide,
+                    config.guide_strength, None, len(pairs), 0.0, history)
+    if config.guide_strength is None:
+        run.strength, run.validation = select_strength(run, config.strength_grid, config.judge_beta,
+                                                       config.temperature, seed)
+    run.seconds = time.monotonic() - started
+    return run
+
+
+def validation_prompts(task: ReverseDigits, seed: int, n: int = VALIDATION_PROMPTS) -> list[str]:
+    """Prompts for choosing settings after training: their own stream, apart from training and check prompts."""
+    return task.prompts(n, np.random.default_rng(seed + VALIDATION_SEED_OFFSET))
+
+
+def select_strength(run: GuidedRun, grid: Sequence[float], judge_beta: float, temperature: float,
+                    seed: int) -> tuple[float, dict[str, float]]:
+    """The strength of `grid` at which guided decoding wins most often against the untrained guide at the same
+    strength, on validation prompts (never the check's). Returns it and every strength's validation win rate."""
+    task = make_task(run.task)
+    prompts = validation_prompts(task, seed)
+    control = run.untrained_guide()
+    scores = {}
+    for s in grid:
+        guided, untrained = run.decoder(strength=s), run.decoder(strength=s, guide=control)
+        scores[f"{float(s):g}"] = win_rate(guided, untrained, task, prompts, judge_beta, temperature,
+                                           seed + VALIDATION_SEED_OFFSET)["win_rate"]
+    best = max(grid, key=lambda s: scores[f"{float(s):g}"])
+    return float(best), scores
 
 
 def reward_verdict(task: ReverseDigits):
@@ -181,6 +256,25 @@ def evaluate_guided(run: GuidedRun, prompts: Sequence[str], judge_beta: float, t
     out["win_rate_vs_control"] = win_rate(guided, control, task, prompts, judge_beta, temperature, seed)["win_rate"]
     out["guided_reward"] = mean_reward(guided, task, prompts, temperature, seed + 1)
     out["base_reward"] = mean_reward(run.base, task, prompts, temperature, seed + 1)
+    if run.kind == "genarm":
+        out.update(arm_accuracies(run, task, prompts, temperature, seed + 2))
+    return out
+
+
+def arm_accuracies(run: GuidedRun, task: ReverseDigits, prompts: Sequence[str], temperature: float,
+                   seed: int) -> dict[str, float]:
+    """Bradley-Terry accuracy against the hidden score on fresh pairs of SFT samples (never trained on): the trained
+    ARM, the untrained ARM (the SFT likelihood), and what training added (log pi_r - log pi_SFT)."""
+    from algorithms.preference.genarm import arm_accuracy
+
+    gen = torch.Generator().manual_seed(seed)
+    first, second = (sample_texts(run.base, task, prompts, temperature, gen) for _ in range(2))
+    out = {}
+    for name, model, minus in (("arm", run.guide, None), ("untrained_arm", run.base, None),
+                               ("arm_learned", run.guide, run.base)):
+        acc = arm_accuracy(model, task, prompts, first, second, minus)
+        out[f"{name}_accuracy"], out[f"{name}_accuracy_se"] = acc["accuracy"], acc["accuracy_se"]
+    out["arm_scored_pairs"] = acc["scored_pairs"]
     return out
 
 
@@ -210,7 +304,8 @@ def run_guided_check(rule: Rule, seeds: int = 1) -> dict[str, Any]:
         score = evaluation["win_rate_vs_control"]
         reached = score >= check.threshold and evaluation["win_rate"] >= check.threshold
         per_seed.append({"seed": seed, "reached": bool(reached), "return": score, "env_steps": run.pairs_acked,
-                         "wall_s": wall, "guide_strength": run.strength, **evaluation})
+                         "wall_s": wall, "guide_strength": run.strength, **evaluation,
+                         **({"validation_win_rates_vs_control": run.validation} if run.validation else {})})
     return check_row(rule, per_seed)
 
 
