@@ -411,14 +411,15 @@ RULE = Rule(
             "target network) with observation, penultimate-layer and TD-error normalisation",
     config_class=StreamACConfig,
     options=STREAM_AC_OPTIONS,
-    # 200k = 100k steps to learn + the 100k steps that the score's window (the last 100 episodes) spans once
-    # episodes last 1000 steps: at a 100k budget, 950 needs ~95 full-length episodes, i.e. a task solved
-    # within ~5k steps (measured: 100k-step run, seed 0, the last 100 episodes began at step 51k).
-    learning_check=LearningCheck("InvertedPendulum-v5", 200_000, 950.0,
-                                 "1000 is the task's maximum (pole held for the whole episode); 950 = the last "
-                                 "100 episodes almost all held to the limit. Budget: 100k steps to learn plus the "
-                                 "100k that 100 episodes of 1000 steps span. The paper's runs are MuJoCo "
-                                 "locomotion over 10M steps (the authors' avg.py default N = 10,001,000); none "
-                                 "of its tasks is this small"),
+    # AVG trades sample efficiency for learning without a buffer (the paper's words; its runs are 10M steps). At
+    # 200k it FAILED (614.6, 2026-11-21, seed 0), and a per-step plain-torch replica of this learner (no Ray,
+    # no fragment lag) was no faster: 100-episode mean 594 at 100k steps, still rising (seed 0). 500k = 5 % of the
+    # paper's budget, on a task far smaller than its locomotion tasks; the threshold stays the env's own.
+    learning_check=LearningCheck("InvertedPendulum-v5", 500_000, 950.0,
+                                 "950 is InvertedPendulum's reward_threshold (gymnasium's 'solved'; 1000 = pole held "
+                                 "for the whole episode), on the last 100 training episodes (the paper scores online "
+                                 "returns: an incremental learner has no separate evaluation). Budget: 500k env steps "
+                                 "= 5 % of the paper's 10M-step runs (the authors' avg.py default N = 10,001,000); "
+                                 "AVG trades sample efficiency for no buffer, and at 200k it reached 614.6"),
     smoke_overrides={"train_batch_size": 16, "steps_per_iteration": 32},
 )
